@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Each makes .venv and installs the
+# pinned dependencies once (the stamp file makes a second run a no-op).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt docs/examples/plugin/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "setuptools" "pip"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e docs/examples/plugin
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_time.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check core kernels plugins integrations tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,54 @@
+"""The `geopeft` command (also `python -m geopeft`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .registry import get_registry
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """JSON: each plugin, its distribution and version, its components, its load error."""
+    reg = get_registry()
+    reg.components()  # run the hooks, so registration errors are recorded too
+    report = [info.to_dict() for info in sorted(reg.plugins.values(), key=lambda i: i.name)]
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """One line per recipe, with its components."""
+    reg = get_registry()
+    for name in reg.names("method"):
+        r = reg.get("method", name)
+        adapter_cls = reg.get("adapter", r.adapter)
+        manifolds = {**adapter_cls.default_manifolds, **r.manifolds}
+        parts = [f"adapter={r.adapter}",
+                 "manifolds=" + ",".join(f"{k}:{v}" for k, v in manifolds.items()),
+                 f"transforms={','.join(r.transforms) or '-'}",
+                 f"rank_controller={r.rank_controller}", f"initializer={r.initializer}"]
+        if r.options:
+            parts.append("options=" + ",".join(f"{k}={v}" for k, v in r.options.items()))
+        line = f"{name:<12} {' '.join(parts)}"
+        print(f"{line}  # {r.description}" if r.description else line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geopeft", description="Geometry-aware low-rank fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("plugins", help="the loaded plugins and their components, as JSON").set_defaults(
+        func=cmd_plugins)
+    sub.add_parser("methods", help="the registered method recipes").set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Grouping factors by (manifold, shape, dtype, device) so geometry runs batched.
+
+A `FactorGroup` holds every factor (or tuple of factors, for a coupled
+manifold) that shares one manifold instance, shape, dtype and device: the
+optimizer and `adapt` call the manifold once per group on stacked tensors of
+shape (G, n, p) in fp32, never once per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from geopeft.kernels import stack_fp32, write_stacked
+
+from .interfaces import Adapter, FactorKey, Manifold, factor_names_of
+
+
+@dataclass
+class FactorGroup:
+    """Same-manifold, same-shape factors. `members[i]` is (adapter, params) with one
+    parameter per factor name in `names` (one for a plain manifold, several if coupled)."""
+
+    manifold: Manifold
+    names: tuple[str, ...]
+    members: list[tuple[Adapter, tuple[nn.Parameter, ...]]] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[tuple[nn.Parameter, ...]]:
+        return [ps for _, ps in self.members]
+
+    def stacked(self) -> Tensor | tuple[Tensor, ...]:
+        """(G, n, p) fp32 stacks: one tensor, or a tuple for a coupled manifold."""
+        stacks = tuple(stack_fp32([ps[i] for ps in self.params]) for i in range(len(self.names)))
+        return stacks if self.manifold.coupled else stacks[0]
+
+    def write(self, values: Tensor | tuple[Tensor, ...]) -> None:
+        """Copy stacked values back into the parameters (in their dtype)."""
+        values = values if isinstance(values, tuple) else (values,)
+        for i, stack in enumerate(values):
+            write_stacked([ps[i] for ps in self.params], stack)
+
+
+def factor_groups(adapters: Sequence[Adapter]) -> list[FactorGroup]:
+    """The adapters' factors grouped for batched geometry, in a stable order."""
+    groups: dict[tuple, FactorGroup] = {}
+    for adapter in adapters:
+        for key, manifold in adapter.factor_manifolds().items():
+            names = factor_names_of(key)
+            params = tuple(getattr(adapter, n) for n in names)
+            sig = (id(manifold), names, tuple(tuple(p.shape) for p in params),
+                   params[0].dtype, params[0].device)
+            group = groups.setdefault(sig, FactorGroup(manifold, names))
+            group.members.append((adapter, params))
+    return list(groups.values())
+
+
+def manifold_of(adapter: Adapter, factor: str) -> tuple[FactorKey, Manifold] | None:
+    """The manifold key and manifold that factor `factor` of `adapter` lives on."""
+    for key, manifold in adapter.factor_manifolds().items():
+        if factor in factor_names_of(key):
+            return key, manifold
+    return None
+
+
+def max_violation(adapters: Sequence[Adapter]) -> float:
+    """The largest manifold violation over all non-Euclidean factors (0.0 if none)."""
+    worst = 0.0
+    for group in factor_groups(adapters):
+        if group.manifold.is_euclidean:
+            continue
+        with torch.no_grad():
+            worst = max(worst, float(group.manifold.violation(group.stacked()).max()))
+    return worst

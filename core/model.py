@@ -1,0 +1,212 @@
+"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, GeopeftError, TargetError
+from .interfaces import Adapter, Recipe
+from .layers import fp32
+from .recipes import Resolved, resolve
+from .targets import find_targets
+
+STATE_ATTR = "geopeft_state"
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus its adapter. Attribute lookups fall through to the base layer
+    (`.weight`, `.in_features`, …) so code that inspects layers keeps working."""
+
+    def __init__(self, base_layer: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.merged = False
+        self.disabled = False
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disabled:
+            return out
+        return self.adapter(x, out)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapter"):
+                raise
+            return getattr(self.base_layer, name)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + ΔW (computed in fp32, written in W's dtype)."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((fp32(w) + fp32(self.adapter.delta_weight())).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − ΔW: the inverse of `merge` (exact up to rounding in W's dtype)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((fp32(w) - fp32(self.adapter.delta_weight())).to(w.dtype))
+        self.merged = False
+
+
+@dataclass
+class AdaptState:
+    """What `adapt` did to a model; kept on the model for the optimizer and `save`."""
+
+    resolved: Resolved
+    rank: int
+    alpha: float | None
+    targets: Any
+    exclude: Any
+    trainable: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "recipe": self.resolved.to_json(),
+                "trainable": list(self.trainable)}
+
+
+def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequence[str] | None = None,
+          rank: int = 8, alpha: float | None = None, *, exclude: str | Sequence[str] | None = None,
+          trainable: Sequence[str] | None = None, init_batches: Iterable[Any] | None = None,
+          loss_fn: Any = None, ranks: dict[str, int] | None = None, **overrides: Any) -> nn.Module:
+    """Attach `method`'s adapters to the `targets` of `model`, in place; returns `model`.
+
+    All base parameters are frozen except the modules named in `trainable`
+    (e.g. ["classifier"]; saved with the adapter, like PEFT's modules_to_save).
+    `alpha` defaults to `rank` (scaling 1). `ranks` gives per-module ranks
+    (used by `load`). `overrides` replace recipe parts or set component options.
+    """
+    if find_state(model) is not None:
+        raise GeopeftError("this model already has geopeft adapters; adapt a fresh model, or "
+                           "geopeft.load(base_model, dir) to restore saved ones")
+    if not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"rank must be a positive int, got {rank!r}")
+    if alpha is not None:
+        overrides["alpha"] = alpha
+    resolved = resolve(method, overrides)
+    found = find_targets(model, targets, exclude)
+    trainable = list(trainable or [])
+    _check_trainable(model, trainable)
+
+    pairs = attach(model, resolved, found, ranks or {}, rank)
+    set_trainable(model, trainable)
+    with torch.no_grad():
+        resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
+        project_onto_manifolds([a for _, a in pairs])
+    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, targets, exclude, trainable))
+    return model
+
+
+def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
+    """[(module name, adapter)] in model order; names are those of the adapted base layers."""
+    return [(name, module.adapter) for name, module in model.named_modules()
+            if isinstance(module, AdaptedLayer)]
+
+
+def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def find_state(model: nn.Module) -> AdaptState | None:
+    """The AdaptState of `model` or of a wrapped inner model (DDP's `.module`, …)."""
+    for module in model.modules():
+        state = module.__dict__.get(STATE_ATTR)
+        if state is not None:
+            return state
+    return None
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight; the forward then skips the adapters."""
+    for _, layer in _layers_or_error(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge`."""
+    for _, layer in _layers_or_error(model):
+        layer.unmerge()
+    return model
+
+
+def project_onto_manifolds(adapters_: Sequence[Adapter]) -> None:
+    """Put every factor on a non-Euclidean manifold onto it (batched by shape)."""
+    from .geometry import factor_groups
+
+    for group in factor_groups(adapters_):
+        if group.manifold.is_euclidean:
+            continue
+        points = group.stacked()
+        group.write(group.manifold.project(points))
+
+
+def attach(model: nn.Module, resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
+           ranks: dict[str, int], default_rank: int,
+           dtypes: dict[str, torch.dtype] | None = None) -> list[tuple[str, Adapter]]:
+    """Freeze the model and wrap each found layer with a fresh adapter of `resolved`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pairs: list[tuple[str, Adapter]] = []
+    for name, module in found:
+        r = ranks.get(name, default_rank)
+        _check_rank(name, module, r)
+        options = dict(resolved.adapter_options)
+        if dtypes and name in dtypes:
+            options["dtype"] = dtypes[name]
+        adapter = resolved.adapter_cls(module, rank=r, **options)
+        adapter.set_manifolds(resolved.manifolds)
+        _replace(model, name, AdaptedLayer(module, adapter))
+        pairs.append((name, adapter))
+    return pairs
+
+
+def set_trainable(model: nn.Module, trainable: Sequence[str]) -> None:
+    """Unfreeze the modules named (or name-suffixed) in `trainable`."""
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in trainable):
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _layers_or_error(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
+    layers = adapted_layers(model)
+    if not layers:
+        raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) first")
+    return layers
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_rank(name: str, module: nn.Module, rank: int) -> None:
+    from .layers import layer_ops
+
+    ops = layer_ops(module)
+    if rank > min(ops.m, ops.n):
+        raise ConfigError(f"rank {rank} is larger than layer {name!r} allows ({ops.m}x{ops.n}): "
+                          f"use rank <= {min(ops.m, ops.n)} or leave that layer out")
+
+
+def _check_trainable(model: nn.Module, trainable: list[str]) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    for t in trainable:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise TargetError(f"trainable={t!r} matches no module of the model")

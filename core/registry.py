@@ -1,0 +1,220 @@
+"""Where components are found: pluggy plugins from the `geopeft` entry-point group.
+
+Built-in plugins are entry points too. A plugin that fails to import is
+recorded (name, distribution, error) and does not take the others down;
+`GEOPEFT_PLUGINS=a,b` limits which entry points are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import threading
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownComponentError, did_you_mean
+from .hookspecs import KIND_HOOKS, PROJECT
+from .interfaces import Adapter, GradientTransform, Initializer, Manifold, RankController, Recipe
+
+KINDS = tuple(KIND_HOOKS)
+_EXPECTED = {
+    "adapter": Adapter,
+    "manifold": Manifold,
+    "gradient_transform": GradientTransform,
+    "rank_controller": RankController,
+    "initializer": Initializer,
+}
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or failed) plugin, as `geopeft plugins` reports it."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    components: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "distribution": self.distribution, "version": self.version,
+                "components": self.components, "error": self.error}
+
+
+@dataclass
+class Entry:
+    name: str
+    obj: Any
+    plugin: str
+
+
+class Registry:
+    """The loaded plugins and the components they register, by kind and name."""
+
+    def __init__(self, load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self._components: dict[str, dict[str, Entry]] | None = None
+        self._lock = threading.RLock()
+        if load_entry_points:
+            self._load_entry_points()
+
+    # ------------------------------------------------------------------ loading
+    def _load_entry_points(self) -> None:
+        allowed = _allow_list()
+        for ep in md.entry_points(group=PROJECT):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
+            self.plugins[ep.name] = info
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not take the others down
+                info.error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"geopeft plugin {ep.name!r} ({info.distribution}) failed to load: "
+                              f"{info.error}", RuntimeWarning, stacklevel=2)
+                continue
+            if self.pm.is_registered(module):
+                continue
+            self.pm.register(module, name=ep.name)
+        self._check_pending()
+
+    def _check_pending(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            valid = ", ".join(KIND_HOOKS.values())
+            raise PluginError(
+                f"plugin {exc.plugin!r} implements a hook that geopeft does not define: {exc}. "
+                f"Valid hooks: {valid}. Fix the plugin, or leave it out with "
+                f"GEOPEFT_PLUGINS=<the plugins to load>."
+            ) from exc
+
+    def register_plugin(self, plugin: Any, name: str) -> None:
+        """Register a plugin object by hand (tests, notebooks)."""
+        with self._lock:
+            self.pm.register(plugin, name=name)
+            self._check_pending()
+            self.plugins[name] = PluginInfo(name)
+            self._components = None
+
+    def unregister_plugin(self, name: str) -> None:
+        with self._lock:
+            self.pm.unregister(name=name)
+            self.plugins.pop(name, None)
+            self._components = None
+
+    # ------------------------------------------------------------------ collecting
+    def _collect(self) -> dict[str, dict[str, Entry]]:
+        with self._lock:
+            if self._components is not None:
+                return self._components
+            components: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+            for info in self.plugins.values():
+                info.components = {}
+            for kind, hook_name in KIND_HOOKS.items():
+                hook = getattr(self.pm.hook, hook_name)
+                for impl in hook.get_hookimpls():  # registration order
+                    register = self._make_register(kind, impl.plugin_name, components[kind])
+                    try:
+                        impl.function(register=register)
+                    except Exception as exc:
+                        self._fail(impl.plugin_name, f"{hook_name} raised {type(exc).__name__}: {exc}"
+                                   f"\n{traceback.format_exc(limit=3)}")
+            self._components = components
+            return components
+
+    def _make_register(self, kind: str, plugin: str, table: dict[str, Entry]):
+        def register(name: str, obj: Any) -> None:
+            self._validate(kind, plugin, name, obj)
+            if name in table:
+                self._fail(plugin, f"{kind} {name!r} is already registered by plugin "
+                                   f"{table[name].plugin!r}; keeping that one")
+                return
+            table[name] = Entry(name, obj, plugin)
+            info = self.plugins.setdefault(plugin, PluginInfo(plugin))
+            info.components.setdefault(kind, []).append(name)
+        return register
+
+    def _validate(self, kind: str, plugin: str, name: str, obj: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r} registered a {kind} with an invalid name {name!r}")
+        if kind == "method":
+            if not isinstance(obj, Recipe):
+                raise PluginError(f"plugin {plugin!r}: method {name!r} must be a geopeft.Recipe, "
+                                  f"got {type(obj).__name__}")
+            return
+        expected = _EXPECTED[kind]
+        if not (isinstance(obj, type) and issubclass(obj, expected)):
+            raise PluginError(f"plugin {plugin!r}: {kind} {name!r} must be a subclass of "
+                              f"geopeft.{expected.__name__}, got {obj!r}")
+
+    def _fail(self, plugin: str, message: str) -> None:
+        info = self.plugins.setdefault(plugin, PluginInfo(plugin))
+        info.error = message if info.error is None else f"{info.error}; {message}"
+        warnings.warn(f"geopeft plugin {plugin!r}: {message}", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ lookup
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._table(kind))
+
+    def get(self, kind: str, name: str) -> Any:
+        """The registered class (or Recipe) for `name`; a helpful error when unknown."""
+        table = self._table(kind)
+        if name in table:
+            return table[name].obj
+        label = kind.replace("_", " ")
+        available = sorted(table)
+        message = (f"unknown {label} {name!r}{did_you_mean(name, available)} "
+                   f"available: {', '.join(available) or '(none)'}")
+        broken = [f"{p.name} ({p.distribution or 'registered by hand'}): {p.error}"
+                  for p in self.plugins.values() if p.error]
+        if broken:
+            message += ". Plugins that failed to load: " + "; ".join(broken)
+        raise UnknownComponentError(message)
+
+    def plugin_of(self, kind: str, name: str) -> str:
+        return self._table(kind)[name].plugin
+
+    def components(self) -> dict[str, list[str]]:
+        return {kind: self.names(kind) for kind in KINDS}
+
+    def _table(self, kind: str) -> dict[str, Entry]:
+        if kind not in KIND_HOOKS:
+            raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+        return self._collect()[kind]
+
+
+def _allow_list() -> set[str] | None:
+    raw = os.environ.get("GEOPEFT_PLUGINS")
+    if raw is None or not raw.strip():
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+_REGISTRY: Registry | None = None
+_REGISTRY_LOCK = threading.Lock()
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded from entry points on first use."""
+    global _REGISTRY
+    with _REGISTRY_LOCK:
+        if _REGISTRY is None:
+            _REGISTRY = Registry()
+        return _REGISTRY
+
+
+def reset_registry() -> None:
+    """Forget the loaded plugins; the next lookup loads them again (reads GEOPEFT_PLUGINS)."""
+    global _REGISTRY
+    with _REGISTRY_LOCK:
+        _REGISTRY = None

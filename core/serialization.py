@@ -1,0 +1,189 @@
+"""`save` and `load`: adapter.safetensors + geopeft.json. Never unpickles.
+
+adapter.safetensors holds `adapters.<layer>.<factor>` for every factor and
+`trainable.<parameter>` for the parameters of `trainable` modules.
+geopeft.json holds the format version, the versions of geopeft and torch, the
+resolved recipe (every component's name and options) and, per layer, its
+rank, kind, matrix shape and factor dtype — everything `load` needs to rebuild
+the same adapters on a fresh base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError, GeopeftError
+from .layers import layer_ops
+from .model import STATE_ATTR, AdaptState, adapters, attach, find_state, set_trainable
+from .recipes import from_json
+
+WEIGHTS = "adapter.safetensors"
+CONFIG = "geopeft.json"
+FORMAT = "geopeft-adapter"
+FORMAT_VERSION = 1
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapters (and `trainable` modules) to directory `path`."""
+    state = _state_or_error(model)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for name, adapter in adapters(model):
+        for fname, p in adapter.factors().items():
+            tensors[f"adapters.{name}.{fname}"] = p.detach().contiguous().cpu()
+        layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
+                        "dtype": str(adapter.factor_dtype).removeprefix("torch.")}
+    for pname, p in _trainable_params(model, state):
+        tensors[f"trainable.{pname}"] = p.detach().contiguous().cpu()
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": {"geopeft": _version(), "torch": torch.__version__},
+        **state.to_json(),
+        "layers": layers,
+    }
+    # weights first, config last: a directory with a config has complete weights
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the saved adapters on a fresh `model` in place and return it; outputs equal
+    those of the saved model exactly (same base weights, same dtypes)."""
+    if find_state(model) is not None:
+        raise GeopeftError("this model already has geopeft adapters; load into a fresh base model")
+    directory = Path(path)
+    config = read_config(directory)
+    resolved = from_json(config["recipe"])
+    layers: dict[str, Any] = config["layers"]
+    modules = dict(model.named_modules())
+    found = []
+    for name, info in layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"{directory}: layer {name!r} has a saved adapter but is not in this "
+                                  "model; load it onto the base model it was trained on")
+        ops = layer_ops(module)
+        if ops is None or [ops.m, ops.n] != list(info["shape"]) or ops.kind != info["kind"]:
+            got = f"{ops.kind} {ops.m}x{ops.n}" if ops else type(module).__name__
+            raise CheckpointError(f"{directory}: layer {name!r} was saved as {info['kind']} "
+                                  f"{info['shape'][0]}x{info['shape'][1]} but this model has {got}; "
+                                  "load it onto the base model it was trained on")
+        found.append((name, module))
+    tensors = _read_weights(directory)
+    ranks = {n: int(i["rank"]) for n, i in layers.items()}
+    dtypes = {n: _dtype(i["dtype"], directory) for n, i in layers.items()}
+    pairs = attach(model, resolved, found, ranks, default_rank=int(config["rank"]), dtypes=dtypes)
+    trainable = list(config.get("trainable", []))
+    set_trainable(model, trainable)
+    expected = {f"adapters.{n}.{f}": p for n, a in pairs for f, p in a.factors().items()}
+    state = AdaptState(resolved, int(config["rank"]), config.get("alpha"), list(layers), None, trainable)
+    expected.update({f"trainable.{n}": p for n, p in _trainable_params(model, state)})
+    _check_keys(directory, expected, tensors)
+    with torch.no_grad():
+        for key, p in expected.items():
+            t = tensors[key]
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
+                raise CheckpointError(f"{directory}/{WEIGHTS}: tensor {key!r} is {t.dtype} "
+                                      f"{tuple(t.shape)} but geopeft.json describes {p.dtype} "
+                                      f"{tuple(p.shape)}; the two files do not belong together")
+            p.copy_(t)
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """geopeft.json of `directory`, checked; CheckpointError names what is wrong."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory; geopeft.save(model, dir) writes one")
+    cfg = directory / CONFIG
+    if not cfg.exists():
+        if (directory / "adapter_config.json").exists():
+            raise CheckpointError(f"{directory} is a PEFT adapter directory, not a geopeft one; load it "
+                                  "with peft.PeftModel.from_pretrained")
+        raise CheckpointError(f"{directory} has no {CONFIG}: it is not a geopeft adapter directory "
+                              "(geopeft.save writes adapter.safetensors and geopeft.json)")
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg} is not valid JSON ({exc}); the file is damaged or truncated") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg} is not a geopeft adapter config (format is "
+                              f"{config.get('format') if isinstance(config, dict) else None!r}, "
+                              f"expected {FORMAT!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg} has format version {version!r}; this geopeft reads up to "
+                              f"{FORMAT_VERSION}: upgrade geopeft")
+    for key in ("recipe", "layers", "rank"):
+        if key not in config:
+            raise CheckpointError(f"{cfg} lacks the {key!r} entry; the file is damaged or truncated")
+    return config
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; geopeft.json alone cannot restore an adapter")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({exc}); save the "
+                              "adapter again") from exc
+
+
+def _check_keys(directory: Path, expected: dict[str, Any], tensors: dict[str, Any]) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{directory}/{WEIGHTS} lacks {len(missing)} tensor(s) that geopeft.json "
+                              f"describes (e.g. {', '.join(missing[:3])}); the file is incomplete")
+    if extra:
+        raise CheckpointError(f"{directory}/{WEIGHTS} holds {len(extra)} tensor(s) that geopeft.json "
+                              f"does not describe (e.g. {', '.join(extra[:3])}); the files do not "
+                              "belong together")
+
+
+def _trainable_params(model: nn.Module, state: AdaptState) -> list[tuple[str, nn.Parameter]]:
+    if not state.trainable:
+        return []
+    out = []
+    for mname, module in model.named_modules():
+        if any(mname == t or mname.endswith("." + t) for t in state.trainable):
+            for pname, p in module.named_parameters():
+                out.append((f"{mname}.{pname}", p))
+    return list(dict(out).items())
+
+
+def _dtype(name: str, directory: Path) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{directory}/{CONFIG}: unknown dtype {name!r}")
+    return dtype
+
+
+def _state_or_error(model: nn.Module) -> AdaptState:
+    state = find_state(model)
+    if state is None:
+        raise GeopeftError("the model has no geopeft adapters; nothing to save")
+    return state
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("geopeft")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,63 @@
+"""LoRA's two-factor adapter: ΔW = s·B·A, B (m, r), A (r, n)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from geopeft import Adapter
+
+
+def lora_init_(adapter: Adapter) -> None:
+    """PEFT's init: A Kaiming-uniform (a=√5), B zero; for embeddings A zero, B normal."""
+    with torch.no_grad():
+        if adapter.ops.kind == "embedding":
+            nn.init.zeros_(adapter.A)
+            nn.init.normal_(adapter.B)
+        else:
+            nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
+            nn.init.zeros_(adapter.B)
+
+
+class LoRAAdapter(Adapter):
+    """ΔW = scaling·B·A with scaling = α/r (α/√r with `rslora`).
+
+    Forward: base_out + scaling·lower(lift(dropout(x), A), B), never forming ΔW.
+    Factors are created in the base weight's dtype unless `dtype` is given.
+    """
+
+    factor_names = ("A", "B")
+    rank_dims = {"A": (0,), "B": (1,)}
+    default_manifolds = {"A": "euclidean", "B": "euclidean"}
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, rslora: bool = False,
+                 dropout: float = 0.0, dtype: torch.dtype | None = None):
+        super().__init__(base, rank, alpha=alpha, rslora=rslora, dtype=dtype)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        m, n = self.shape
+        device = base.weight.device
+        self.A = nn.Parameter(torch.empty(rank, n, device=device, dtype=self.factor_dtype))
+        self.B = nn.Parameter(torch.empty(m, rank, device=device, dtype=self.factor_dtype))
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and self.ops.takes_dropout else nn.Identity()
+        lora_init_(self)
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        a = self.A
+        if x.is_floating_point() and x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        h = self.ops.lift(self.dropout(x), a, self.base_layer)
+        y = self.ops.lower(h, self.B)
+        return torch.add(base_out, y.to(base_out.dtype), alpha=self.scaling)
+
+    def delta_weight(self) -> Tensor:
+        return self.ops.to_weight_layout(self.scaling * (self.B @ self.A), self.base_layer)
+
+    def to_lora(self) -> tuple[Tensor, Tensor]:
+        return self.B, self.A
+
+    def options(self):
+        return {**super().options(), "dropout": self.dropout_p}
