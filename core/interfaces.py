@@ -150,19 +150,24 @@ class Adapter(nn.Module, abc.ABC):
         """(B (m, r), A (r, n)) with `scaling * B @ A` equal to ΔW as an (m, n) matrix."""
 
     @torch.no_grad()
-    def resize(self, new_rank: int, keep: Tensor | None = None) -> None:
-        """Change the rank in place, keeping the rank-indices `keep` (default: the leading
-        ones) and zero-filling new ones. Parameters keep their identity (their `.data`
-        is replaced), so optimizer param groups stay valid. `scaling` does not change:
-        a rank change must not rescale the output."""
+    def resize(self, new_rank: int, keep: Tensor | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """Change the rank, keeping the rank-indices `keep` (default: the leading ones)
+        and zero-filling new ones. Each factor becomes a new Parameter (autograd caches a
+        leaf's shape, so a leaf cannot change shape in place); returns {factor: (old, new)}
+        so an optimizer can follow — `GeometricOptimizer.resize` does. `scaling` does not
+        change: a rank change must not rescale the output."""
         from geopeft.kernels import resize_along
 
         if not isinstance(new_rank, int) or new_rank < 1:
             raise ValueError(f"new rank must be a positive int, got {new_rank!r}")
-        for name, p in self.factors().items():
-            p.data = resize_along(p.data, self.rank_dims[name], new_rank, keep)
-            p.grad = None
+        swapped = {}
+        for name, old in self.factors().items():
+            new = nn.Parameter(resize_along(old.detach(), self.rank_dims[name], new_rank, keep),
+                               requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            swapped[name] = (old, new)
         self.rank = new_rank
+        return swapped
 
     def factor_manifolds(self) -> dict[FactorKey, Manifold]:
         """Which manifold each factor (or tuple of factors) lives on."""

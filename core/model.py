@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe
-from .layers import fp32
 from .recipes import Resolved, resolve
 from .targets import find_targets
 
@@ -45,21 +44,22 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W ← W + ΔW (computed in fp32, written in W's dtype)."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
-        w.copy_((fp32(w) + fp32(self.adapter.delta_weight())).to(w.dtype))
-        self.merged = True
+        """W ← W + ΔW, correctly rounded to W's dtype (the sum is formed in float64)."""
+        if not self.merged:
+            self._add_delta(+1)
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W ← W − ΔW: the inverse of `merge` (exact up to rounding in W's dtype)."""
-        if not self.merged:
-            return
+        """W ← W − ΔW: the inverse of `merge`, exact up to one rounding in W's dtype."""
+        if self.merged:
+            self._add_delta(-1)
+            self.merged = False
+
+    def _add_delta(self, sign: int) -> None:
         w = self.base_layer.weight
-        w.copy_((fp32(w) - fp32(self.adapter.delta_weight())).to(w.dtype))
-        self.merged = False
+        wide = torch.float32 if w.device.type == "mps" else torch.float64
+        w.copy_((w.to(wide) + sign * self.adapter.delta_weight().to(wide)).to(w.dtype))
 
 
 @dataclass

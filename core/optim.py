@@ -261,16 +261,21 @@ class GeometricOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ ranks
     def resize(self, name: str, new_rank: int, keep: Tensor | None = None) -> None:
-        """Change the rank of the adapter on `name`; its optimizer state follows
+        """Change the rank of the adapter on `name`; param groups and state follow
         (kept rank-indices `keep`, new ones zero)."""
         adapter = dict(self.named_adapters)[name]
-        factors = adapter.factors()
-        adapter.resize(new_rank, keep)
-        for fname, p in factors.items():
+        swapped = adapter.resize(new_rank, keep)
+        for fname, (old, new) in swapped.items():
+            for group in self.param_groups:
+                group["params"] = [new if p is old else p for p in group["params"]]
+            state = self.state.pop(old, None)
+            if state is None:
+                continue
             dims = adapter.rank_dims[fname]
-            for key, value in list(self.state.get(p, {}).items()):
-                if torch.is_tensor(value) and value.dim() == p.dim() and value.shape != p.shape:
-                    self.state[p][key] = resize_along(value, dims, new_rank, keep)
+            self.state[new] = {
+                key: resize_along(v, dims, new_rank, keep)
+                if torch.is_tensor(v) and v.shape == old.shape and v.dim() > 0 else v
+                for key, v in state.items()}
         self._plan()
 
     def ranks(self) -> dict[str, int]:
@@ -300,8 +305,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
                                    f"{', '.join(unknown[:5])}; load it into the model it was saved from")
             for name, rank in extra["ranks"].items():
                 if names[name].rank != rank:
-                    names[name].resize(rank)
-            self._plan()
+                    self.resize(name, rank)
         self.optimizer.load_state_dict(sd)
         if extra is not None:
             self.step_count = int(extra["step"])

