@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
-
 from geopeft.kernels import stack_fp32, write_stacked
+from torch import Tensor, nn
 
 from .interfaces import Adapter, FactorKey, Manifold, factor_names_of
 

@@ -231,7 +231,7 @@ class RankController(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
         pass
 
     def options(self) -> dict[str, Any]:

@@ -111,22 +111,29 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
 
 
 def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
-    """[(module name, adapter)] in model order; names are those of the adapted base layers."""
-    return [(name, module.adapter) for name, module in model.named_modules()
-            if isinstance(module, AdaptedLayer)]
+    """[(module name, adapter)] in model order. Names are those of the adapted base
+    layers in the model `adapt` was called on, also when `model` wraps it (DDP)."""
+    return [(name, layer.adapter) for name, layer in adapted_layers(model)]
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    root = find_root(model) or model
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def find_root(model: nn.Module) -> nn.Module | None:
+    """The module `adapt` was called on: `model` itself or the model inside a wrapper
+    (DDP's `.module`, accelerate's, torch.compile's); None if not adapted."""
+    for module in model.modules():
+        if module.__dict__.get(STATE_ATTR) is not None:
+            return module
+    return None
 
 
 def find_state(model: nn.Module) -> AdaptState | None:
-    """The AdaptState of `model` or of a wrapped inner model (DDP's `.module`, …)."""
-    for module in model.modules():
-        state = module.__dict__.get(STATE_ATTR)
-        if state is not None:
-            return state
-    return None
+    """The AdaptState of `model` or of a wrapped inner model."""
+    root = find_root(model)
+    return None if root is None else root.__dict__[STATE_ATTR]
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from geopeft.kernels import resize_along, stack_fp32, write_stacked
+from torch import Tensor, nn
 
 from .errors import ConfigError, GeopeftError
 from .geometry import FactorGroup, factor_groups

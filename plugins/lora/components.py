@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
-
 from geopeft import Initializer, Manifold, RankController
+from torch import Tensor
 
 from .adapter import lora_init_
 
