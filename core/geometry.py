@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from geopeft.kernels import stack_fp32, write_stacked
 from torch import Tensor, nn
+
+from geopeft.kernels import stack_fp32, write_stacked
 
 from .interfaces import Adapter, FactorKey, Manifold, factor_names_of
 

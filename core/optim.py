@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from geopeft.kernels import resize_along, stack_fp32, write_stacked
 from torch import Tensor, nn
+
+from geopeft.kernels import resize_along, stack_fp32, write_stacked
 
 from .errors import ConfigError, GeopeftError
 from .geometry import FactorGroup, factor_groups

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import geopeft
 import pytest
 import torch
-from geopeft.geometry import max_violation
-from helpers import TinyNet
 from safetensors.torch import load_file
+
+import geopeft
+from geopeft.geometry import max_violation
+
+from helpers import TinyNet
 
 HERE = Path(__file__).parent
 

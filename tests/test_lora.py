@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import geopeft
 import pytest
 import torch
 import torch.nn.functional as F
-from geopeft.model import AdaptedLayer
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+import geopeft
+from geopeft.model import AdaptedLayer
 
 DTYPES = {"float32": (torch.float32, 1e-5), "float64": (torch.float64, 1e-12), "bfloat16": (torch.bfloat16, 2e-2)}
 

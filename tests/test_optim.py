@@ -6,14 +6,16 @@ from __future__ import annotations
 import copy
 import types
 
-import geopeft
 import pytest
 import torch
-from geopeft.geometry import max_violation
-from helpers import TinyNet
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+
+import geopeft
+from geopeft.geometry import max_violation
+
+from helpers import TinyNet
 
 OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import json
 
-import geopeft
 import torch
-from helpers import TinyNet
 from hypothesis import given
 from hypothesis import strategies as st
+
+import geopeft
+
+from helpers import TinyNet
 
 
 @given(rank=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),

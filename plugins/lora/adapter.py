@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from geopeft import Adapter
 from torch import Tensor, nn
+
+from geopeft import Adapter
 
 
 def lora_init_(adapter: Adapter) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from geopeft import Initializer, Manifold, RankController
 from torch import Tensor
+
+from geopeft import Initializer, Manifold, RankController
 
 from .adapter import lora_init_
 

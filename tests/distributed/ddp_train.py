@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import geopeft  # noqa: E402
+
 from helpers import TinyNet  # noqa: E402
 
 

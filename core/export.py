@@ -1,0 +1,86 @@
+"""`export_peft`: a geopeft adapter as a PEFT LoRA directory (adapter_config.json +
+adapter_model.safetensors), loadable by `peft.PeftModel.from_pretrained`.
+
+Any adapter exports exactly through its `to_lora()` two-factor form
+(scaling·B·A = ΔW). Per-layer ranks and scalings go to PEFT's `rank_pattern` and
+`alpha_pattern`; `trainable` modules go to `modules_to_save`. Writing the files
+needs neither peft nor pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import GeopeftError
+from .model import adapted_layers, adapters, find_root, find_state
+
+PREFIX = "base_model.model."
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the adapted `model`'s adapters as a PEFT LoRA adapter directory."""
+    state = find_state(model)
+    if state is None:
+        raise GeopeftError("the model has no geopeft adapters; nothing to export")
+    root = find_root(model)
+    pairs = adapters(root)
+    if any(layer.merged for _, layer in adapted_layers(root)):
+        raise GeopeftError("the model is merged; call geopeft.unmerge(model) before export_peft")
+    tensors = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    fan_in_fan_out = False
+    for name, adapter in pairs:
+        b, a = (t.detach().contiguous().cpu() for t in adapter.to_lora())
+        kind = adapter.ops.kind
+        if kind == "embedding":
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = a
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = b
+        else:
+            if kind == "conv2d":
+                w = adapter.base_layer.weight
+                a = a.reshape(a.shape[0], *w.shape[1:])
+                b = b.reshape(*b.shape, 1, 1)
+            fan_in_fan_out |= kind == "conv1d"
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        rank = a.shape[0]
+        ranks[name] = rank
+        alphas[name] = adapter.scaling * rank  # PEFT's scaling is lora_alpha / r
+    for mname, module in root.named_modules():
+        if any(mname == t or mname.endswith("." + t) for t in state.trainable):
+            for pname, p in module.named_parameters(recurse=False):
+                tensors[f"{PREFIX}{mname}.{pname}"] = p.detach().contiguous().cpu()
+    r0 = ranks[pairs[0][0]]
+    alpha0 = alphas[pairs[0][0]]
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r0,
+        "lora_alpha": alpha0,
+        "target_modules": "(" + "|".join(re.escape(n) for n, _ in pairs) + ")",
+        "rank_pattern": {f"^{re.escape(n)}$": r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {f"^{re.escape(n)}$": al for n, al in alphas.items() if al != alpha0},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": list(state.trainable) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
