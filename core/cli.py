@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .errors import GeopeftError
 from .registry import get_registry
 
 
@@ -36,18 +37,35 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A saved geopeft adapter directory → a PEFT LoRA directory."""
+    from .export import export_saved
+
+    out = export_saved(args.src, args.dst)
+    print(f"wrote PEFT adapter to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geopeft", description="Geometry-aware low-rank fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plugins", help="the loaded plugins and their components, as JSON").set_defaults(
         func=cmd_plugins)
     sub.add_parser("methods", help="the registered method recipes").set_defaults(func=cmd_methods)
+    export = sub.add_parser("export", help="a saved geopeft adapter to a PEFT LoRA directory")
+    export.add_argument("src", help="directory written by geopeft.save")
+    export.add_argument("dst", help="PEFT directory to write")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except GeopeftError as exc:
+        print(f"geopeft {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

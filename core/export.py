@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -84,3 +85,43 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
+
+
+def export_saved(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A directory written by `geopeft.save` → a PEFT LoRA directory, without the base
+    model: the adapters are rebuilt on weightless stand-ins of their base layers."""
+    from safetensors import safe_open
+
+    from .layers import stub_layer
+    from .serialization import WEIGHTS, load, read_config
+
+    src = Path(src)
+    config = read_config(src)
+    stub = nn.Module()
+    for name, info in config["layers"].items():
+        if "weight_shape" not in info:
+            raise GeopeftError(f"{src}/geopeft.json predates weight shapes; export with "
+                               "geopeft.export_peft(geopeft.load(base_model, src), dst)")
+        _set_module(stub, name, stub_layer(info["kind"], info["weight_shape"]))
+    with safe_open(str(src / WEIGHTS), framework="pt") as f:  # trainable modules' shapes
+        for key in f.keys():
+            if key.startswith("trainable."):
+                mname, _, pname = key.removeprefix("trainable.").rpartition(".")
+                holder = _get_or_make(stub, mname)
+                shape = f.get_slice(key).get_shape()
+                holder.register_parameter(pname, nn.Parameter(torch.empty(shape)))
+    return export_peft(load(stub, src), dst)
+
+
+def _get_or_make(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split(".") if dotted else []:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    return module
+
+
+def _set_module(root: nn.Module, dotted: str, layer: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    _get_or_make(root, parent).add_module(leaf, layer)

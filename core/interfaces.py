@@ -116,6 +116,8 @@ class Adapter(nn.Module, abc.ABC):
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.factor_dtype = dtype or base.weight.dtype
+        # a weightless (meta) base layer still gets real factors, on the CPU
+        self.factor_device = torch.device("cpu") if base.weight.is_meta else base.weight.device
         self._manifolds: dict[FactorKey, Manifold] = {}
 
     # -- what the base layer is

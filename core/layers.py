@@ -144,6 +144,34 @@ def why_unsupported(module: nn.Module) -> str:
     return f"{type(module).__name__} is not a supported layer type (supported: {', '.join(SUPPORTED_LAYERS)})"
 
 
+class Conv1D(nn.Module):
+    """Weightless stand-in for transformers' Conv1D (weight (n, m)), used by `stub_layer`."""
+
+    def __init__(self, nf: int, nx: int, device: torch.device | str | None = None):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight
+
+
+def stub_layer(kind: str, weight_shape: list[int]) -> nn.Module:
+    """A base layer of `kind` with its weight on the meta device (no memory): enough
+    to rebuild an adapter from a saved file without the base model."""
+    meta = torch.device("meta")
+    if kind == "linear":
+        return nn.Linear(weight_shape[1], weight_shape[0], bias=False, device=meta)
+    if kind == "conv1d":
+        return Conv1D(weight_shape[1], weight_shape[0], device=meta)
+    if kind == "conv2d":
+        out_c, in_c, kh, kw = weight_shape
+        return nn.Conv2d(in_c, out_c, (kh, kw), bias=False, device=meta)
+    if kind == "embedding":
+        return nn.Embedding(weight_shape[0], weight_shape[1], device=meta)
+    raise ValueError(f"unknown layer kind {kind!r}; kinds: linear, conv1d, conv2d, embedding")
+
+
 def fp32(t: Tensor) -> Tensor:
     """`t` in float32 for geometry (QR, SVD, solves), whatever the parameter dtype."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()

@@ -43,6 +43,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         for fname, p in adapter.factors().items():
             tensors[f"adapters.{name}.{fname}"] = p.detach().contiguous().cpu()
         layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
+                        "weight_shape": list(adapter.base_layer.weight.shape),
                         "dtype": str(adapter.factor_dtype).removeprefix("torch.")}
     for pname, p in _trainable_params(model, state):
         tensors[f"trainable.{pname}"] = p.detach().contiguous().cpu()

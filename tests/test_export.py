@@ -88,3 +88,31 @@ def test_gpt2_conv1d_export(tmp_path):
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_export_without_base_model(tmp_path):
+    from geopeft.cli import main
+
+    torch.manual_seed(0)
+    base = TinyNet()
+    fresh = copy.deepcopy(base)
+    geopeft.adapt(base, "rslora", targets=["embed", "query", "ffn.0"], rank=4, alpha=6,
+                  trainable=["classifier"])
+    with torch.no_grad():
+        for _, a in geopeft.adapters(base):
+            a.A.normal_()
+            a.B.normal_()
+        base.classifier.weight.mul_(2)
+    geopeft.save(base, tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "peft")]) == 0
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "peft")).eval()
+    ids = torch.randint(0, 50, (3, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids), base.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_export_reports_bad_source(tmp_path, capsys):
+    from geopeft.cli import main
+
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "not a geopeft adapter directory" in capsys.readouterr().err

@@ -54,6 +54,7 @@ def test_saved_config_records_recipe_ranks_and_versions(tiny, tmp_path):
     assert config["recipe"]["adapter"] == {"name": "lora", "options": {
         "alpha": 8, "rslora": True, "dropout": 0.1}}
     assert config["layers"]["query"] == {"rank": 4, "kind": "linear", "shape": [16, 16],
+                                         "weight_shape": [16, 16],
                                          "dtype": "float32"}
     assert config["layers"]["embed"]["kind"] == "embedding"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "geopeft.json"]

@@ -38,9 +38,9 @@ class LoRAAdapter(Adapter):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         m, n = self.shape
-        device = base.weight.device
-        self.A = nn.Parameter(torch.empty(rank, n, device=device, dtype=self.factor_dtype))
-        self.B = nn.Parameter(torch.empty(m, rank, device=device, dtype=self.factor_dtype))
+        kw = {"device": self.factor_device, "dtype": self.factor_dtype}
+        self.A = nn.Parameter(torch.empty(rank, n, **kw))
+        self.B = nn.Parameter(torch.empty(m, rank, **kw))
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 and self.ops.takes_dropout else nn.Identity()
         lora_init_(self)
