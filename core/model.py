@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,11 +102,12 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
     trainable = list(trainable or [])
     _check_trainable(model, trainable)
 
-    pairs = attach(model, resolved, found, ranks or {}, rank)
-    set_trainable(model, trainable)
-    with torch.no_grad():
-        resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
-        project_onto_manifolds([a for _, a in pairs])
+    built = build_adapters(resolved, found, ranks or {}, rank)  # nothing changed yet
+    pairs = [(name, adapter) for name, _, adapter in built]
+    with installed(model, built, trainable):
+        with torch.no_grad():
+            resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
+            project_onto_manifolds([a for _, a in pairs])
     setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, targets, exclude, trainable))
     return model
 
@@ -161,24 +163,49 @@ def project_onto_manifolds(adapters_: Sequence[Adapter]) -> None:
         group.write(group.manifold.project(points))
 
 
-def attach(model: nn.Module, resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
-           ranks: dict[str, int], default_rank: int,
-           dtypes: dict[str, torch.dtype] | None = None) -> list[tuple[str, Adapter]]:
-    """Freeze the model and wrap each found layer with a fresh adapter of `resolved`."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    pairs: list[tuple[str, Adapter]] = []
+def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
+                   ranks: dict[str, int], default_rank: int,
+                   dtypes: dict[str, torch.dtype] | None = None) -> list[tuple[str, nn.Module, Adapter]]:
+    """A fresh adapter of `resolved` for each found layer. Reads the model, changes nothing:
+    a bad rank or option fails here, before the model is touched."""
+    built = []
     for name, module in found:
         r = ranks.get(name, default_rank)
         _check_rank(name, module, r)
         options = dict(resolved.adapter_options)
         if dtypes and name in dtypes:
             options["dtype"] = dtypes[name]
-        adapter = resolved.adapter_cls(module, rank=r, **options)
+        try:
+            adapter = resolved.adapter_cls(module, rank=r, **options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"adapter {resolved.names['adapter']!r} on {name!r} with options "
+                              f"{options}: {exc}") from exc
         adapter.set_manifolds(resolved.manifolds)
-        _replace(model, name, AdaptedLayer(module, adapter))
-        pairs.append((name, adapter))
-    return pairs
+        built.append((name, module, adapter))
+    return built
+
+
+@contextmanager
+def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
+              trainable: Sequence[str]):
+    """Freeze the model, wrap each layer with its adapter, unfreeze `trainable`; if the
+    body raises, put every layer and `requires_grad` flag back as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    done = []
+    try:
+        for name, module, adapter in built:
+            _replace(model, name, AdaptedLayer(module, adapter))
+            done.append((name, module))
+        set_trainable(model, trainable)
+        yield
+    except BaseException:
+        for name, module in reversed(done):
+            _replace(model, name, module)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def set_trainable(model: nn.Module, trainable: Sequence[str]) -> None:

@@ -220,7 +220,7 @@ def _instantiate(named: tuple[str, Any], options: dict[str, Any]) -> Any:
         return obj  # an instance given by the user: its options are its own
     try:
         return obj(**options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"could not build {name!r} with options {options}: {exc}") from exc
 
 

@@ -40,7 +40,14 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     components: dict[str, list[str]] = field(default_factory=dict)
-    error: str | None = None
+    load_error: str | None = None
+    #: errors met while running its hooks; rebuilt with every collection
+    registration_errors: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        errors = ([self.load_error] if self.load_error else []) + self.registration_errors
+        return "; ".join(errors) or None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "distribution": self.distribution, "version": self.version,
@@ -78,9 +85,9 @@ class Registry:
             try:
                 module = ep.load()
             except Exception as exc:  # a broken plugin must not take the others down
-                info.error = f"{type(exc).__name__}: {exc}"
+                info.load_error = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"geopeft plugin {ep.name!r} ({info.distribution}) failed to load: "
-                              f"{info.error}", RuntimeWarning, stacklevel=2)
+                              f"{info.load_error}", RuntimeWarning, stacklevel=2)
                 continue
             if self.pm.is_registered(module):
                 continue
@@ -92,8 +99,9 @@ class Registry:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             valid = ", ".join(KIND_HOOKS.values())
+            name = self.pm.get_name(exc.plugin) or exc.plugin
             raise PluginError(
-                f"plugin {exc.plugin!r} implements a hook that geopeft does not define: {exc}. "
+                f"plugin {name!r} implements a hook that geopeft does not define: {exc}. "
                 f"Valid hooks: {valid}. Fix the plugin, or leave it out with "
                 f"GEOPEFT_PLUGINS=<the plugins to load>."
             ) from exc
@@ -102,7 +110,11 @@ class Registry:
         """Register a plugin object by hand (tests, notebooks)."""
         with self._lock:
             self.pm.register(plugin, name=name)
-            self._check_pending()
+            try:
+                self._check_pending()
+            except PluginError:
+                self.pm.unregister(name=name)  # a rejected plugin must not linger
+                raise
             self.plugins[name] = PluginInfo(name)
             self._components = None
 
@@ -120,6 +132,7 @@ class Registry:
             components: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
             for info in self.plugins.values():
                 info.components = {}
+                info.registration_errors = []
             for kind, hook_name in KIND_HOOKS.items():
                 hook = getattr(self.pm.hook, hook_name)
                 for impl in hook.get_hookimpls():  # registration order
@@ -159,7 +172,7 @@ class Registry:
 
     def _fail(self, plugin: str, message: str) -> None:
         info = self.plugins.setdefault(plugin, PluginInfo(plugin))
-        info.error = message if info.error is None else f"{info.error}; {message}"
+        info.registration_errors.append(message)
         warnings.warn(f"geopeft plugin {plugin!r}: {message}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ lookup

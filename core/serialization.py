@@ -22,7 +22,15 @@ from torch import nn
 
 from .errors import CheckpointError, GeopeftError
 from .layers import layer_ops
-from .model import STATE_ATTR, AdaptState, adapters, attach, find_root, find_state, set_trainable
+from .model import (
+    STATE_ATTR,
+    AdaptState,
+    adapters,
+    build_adapters,
+    find_root,
+    find_state,
+    installed,
+)
 from .recipes import from_json
 
 WEIGHTS = "adapter.safetensors"
@@ -86,21 +94,17 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tensors = _read_weights(directory)
     ranks = {n: int(i["rank"]) for n, i in layers.items()}
     dtypes = {n: _dtype(i["dtype"], directory) for n, i in layers.items()}
-    pairs = attach(model, resolved, found, ranks, default_rank=int(config["rank"]), dtypes=dtypes)
+    built = build_adapters(resolved, found, ranks, int(config["rank"]), dtypes)
     trainable = list(config.get("trainable", []))
-    set_trainable(model, trainable)
-    expected = {f"adapters.{n}.{f}": p for n, a in pairs for f, p in a.factors().items()}
     state = AdaptState(resolved, int(config["rank"]), config.get("alpha"), list(layers), None, trainable)
+    expected = {f"adapters.{n}.{f}": p for n, _, a in built for f, p in a.factors().items()}
     expected.update({f"trainable.{n}": p for n, p in _trainable_params(model, state)})
-    _check_keys(directory, expected, tensors)
+    _check_tensors(directory, expected, tensors)  # every check before the model changes
     with torch.no_grad():
         for key, p in expected.items():
-            t = tensors[key]
-            if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
-                raise CheckpointError(f"{directory}/{WEIGHTS}: tensor {key!r} is {t.dtype} "
-                                      f"{tuple(t.shape)} but geopeft.json describes {p.dtype} "
-                                      f"{tuple(p.shape)}; the two files do not belong together")
-            p.copy_(t)
+            p.copy_(tensors[key])
+    with installed(model, built, trainable):
+        pass
     setattr(model, STATE_ATTR, state)
     return model
 
@@ -145,7 +149,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
                               "adapter again") from exc
 
 
-def _check_keys(directory: Path, expected: dict[str, Any], tensors: dict[str, Any]) -> None:
+def _check_tensors(directory: Path, expected: dict[str, Any], tensors: dict[str, Any]) -> None:
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -155,6 +159,12 @@ def _check_keys(directory: Path, expected: dict[str, Any], tensors: dict[str, An
         raise CheckpointError(f"{directory}/{WEIGHTS} holds {len(extra)} tensor(s) that geopeft.json "
                               f"does not describe (e.g. {', '.join(extra[:3])}); the files do not "
                               "belong together")
+    for key, p in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
+            raise CheckpointError(f"{directory}/{WEIGHTS}: tensor {key!r} is {t.dtype} "
+                                  f"{tuple(t.shape)} but geopeft.json describes {p.dtype} "
+                                  f"{tuple(p.shape)}; the two files do not belong together")
 
 
 def _trainable_params(model: nn.Module, state: AdaptState) -> list[tuple[str, nn.Parameter]]:
