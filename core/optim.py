@@ -17,7 +17,7 @@ One `step()`:
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -70,6 +70,13 @@ class GeometricOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer.__init__ is deliberately not called: the inner optimizer
         # owns param_groups and state (as accelerate's AcceleratedOptimizer does).
         self.optimizer = inner
+        # what torch.optim.Optimizer.__init__ would set up for register_step_*_hook
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self.named_adapters = list(named_adapters)
         resolved = adapt_state.resolved
         self.recipe = resolved.recipe
@@ -174,6 +181,14 @@ class GeometricOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            hook(self, (), {})
+        loss = self._step(closure)
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, (), {})
+        return loss
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -300,3 +300,20 @@ def test_state_dict_restores_ranks_transform_and_controller_state(test_component
     _train(twin, twin_opt, 2, start=3)
     for (_, a), (_, b) in zip(geopeft.adapters(model), geopeft.adapters(twin)):
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+
+def test_step_hooks_and_closure(tiny):
+    geopeft.adapt(tiny, "lora", targets=["query"], rank=2)
+    opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o.step_count)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o.step_count)))
+
+    def closure():
+        opt.zero_grad()
+        loss = tiny(_batch(0)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and calls == [("pre", 0), ("post", 1)]
