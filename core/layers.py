@@ -45,6 +45,10 @@ class LayerOps:
     def lower(self, h: Tensor, b: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def add_lowered(self, base_out: Tensor, h: Tensor, b: Tensor, alpha: float) -> Tensor:
+        """base_out + alpha·lower(h, b), as one fused op where the layer allows."""
+        return torch.add(base_out, self.lower(h, b).to(base_out.dtype), alpha=alpha)
+
     @property
     def takes_dropout(self) -> bool:
         """Whether input dropout makes sense (not for token ids)."""
@@ -63,6 +67,15 @@ class LinearOps(LayerOps):
 
     def lower(self, h, b):
         return F.linear(h, b)
+
+    def add_lowered(self, base_out, h, b, alpha):
+        # one GEMM accumulating into base_out: no separate scale of the (tokens, m) output,
+        # and none of its gradient in backward
+        if base_out.dtype != h.dtype or base_out.dim() < 2:
+            return super().add_lowered(base_out, h, b, alpha)
+        m = base_out.shape[-1]
+        out = torch.addmm(base_out.reshape(-1, m), h.reshape(-1, h.shape[-1]), b.t(), alpha=alpha)
+        return out.view(base_out.shape)
 
 
 class Conv1DOps(LinearOps):

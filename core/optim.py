@@ -223,13 +223,12 @@ class GeometricOptimizer(torch.optim.Optimizer):
         return loss
 
     def _grads_finite(self) -> bool:
-        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for p in self._params:
             if p.grad is not None:
-                by_device[p.grad.device].append(p.grad)
-        for grads in by_device.values():
-            norms = torch._foreach_norm(grads)
-            if not bool(torch.stack([n.float() for n in norms]).sum().isfinite()):
+                by_kind[p.grad.device, p.grad.dtype].append(p.grad)
+        for grads in by_kind.values():
+            if not bool(torch.stack(torch._foreach_norm(grads)).float().sum().isfinite()):
                 return False
         return True
 

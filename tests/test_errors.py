@@ -558,3 +558,31 @@ def test_save_and_merge_need_adapters(tiny, tmp_path):
         geopeft.merge(tiny)
     with pytest.raises(geopeft.GeopeftError, match="geopeft.adapt"):
         geopeft.unmerge(tiny)
+
+
+def test_nan_check_handles_mixed_gradient_dtypes(tiny):
+
+    tiny.query.to(torch.bfloat16)
+
+    class Mixed(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.classifier(self.net.query(x.bfloat16()).float())
+
+    model = Mixed(tiny)
+    geopeft.adapt(model, "lora", targets=["query"], rank=2, trainable=["classifier"])
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1)
+    assert {p.dtype for g in opt.param_groups for p in g["params"]} == {torch.bfloat16, torch.float32}
+    model(torch.randn(4, 16)).sum().backward()
+    tiny.classifier.weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        opt.step()
+    assert opt.skipped_steps == 1
+    opt.zero_grad()
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.step_count == 1

@@ -50,8 +50,7 @@ class LoRAAdapter(Adapter):
         if x.is_floating_point() and x.dtype != a.dtype:
             x = x.to(a.dtype)
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
-        y = self.ops.lower(h, self.B)
-        return torch.add(base_out, y.to(base_out.dtype), alpha=self.scaling)
+        return self.ops.add_lowered(base_out, h, self.B, self.scaling)
 
     def delta_weight(self) -> Tensor:
         return self.ops.to_weight_layout(self.scaling * (self.B @ self.A), self.base_layer)
