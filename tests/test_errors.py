@@ -561,7 +561,6 @@ def test_save_and_merge_need_adapters(tiny, tmp_path):
 
 
 def test_nan_check_handles_mixed_gradient_dtypes(tiny):
-
     tiny.query.to(torch.bfloat16)
 
     class Mixed(torch.nn.Module):
