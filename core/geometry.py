@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from geopeft.kernels import stack_fp32, write_stacked
 
-from .interfaces import Adapter, FactorKey, Manifold, factor_names_of
+from .interfaces import Adapter, Manifold, factor_names_of
 
 
 @dataclass
@@ -56,14 +56,6 @@ def factor_groups(adapters: Sequence[Adapter]) -> list[FactorGroup]:
             group = groups.setdefault(sig, FactorGroup(manifold, names))
             group.members.append((adapter, params))
     return list(groups.values())
-
-
-def manifold_of(adapter: Adapter, factor: str) -> tuple[FactorKey, Manifold] | None:
-    """The manifold key and manifold that factor `factor` of `adapter` lives on."""
-    for key, manifold in adapter.factor_manifolds().items():
-        if factor in factor_names_of(key):
-            return key, manifold
-    return None
 
 
 def max_violation(adapters: Sequence[Adapter]) -> float:

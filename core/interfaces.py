@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .errors import ShapeError
 from .layers import LayerOps, layer_ops
 
 FactorKey = str
@@ -36,7 +37,8 @@ class Manifold(abc.ABC):
     """The geometry of one factor, or of a tuple of factors (`coupled = True`).
 
     All methods are batched over leading dims: x, u, v are (..., n, p).
-    Geometry runs in float32 or float64; callers cast parameters with `layers.fp32`.
+    Geometry runs in float32 or float64: the optimizer stacks parameters with
+    `geopeft.kernels.stack_fp32`, whatever their dtype.
     """
 
     name: ClassVar[str] = ""
@@ -162,6 +164,13 @@ class Adapter(nn.Module, abc.ABC):
 
         if not isinstance(new_rank, int) or new_rank < 1:
             raise ValueError(f"new rank must be a positive int, got {new_rank!r}")
+        if keep is not None:
+            keep = torch.as_tensor(keep)
+            if (keep.dim() != 1 or keep.is_floating_point() or len(keep) > new_rank
+                    or (len(keep) and (int(keep.min()) < 0 or int(keep.max()) >= self.rank))
+                    or len(torch.unique(keep)) != len(keep)):
+                raise ShapeError(f"keep must be distinct rank indices in [0, {self.rank}), at most "
+                                 f"{new_rank} of them (the new rank); got {keep.tolist()}")
         swapped = {}
         for name, old in self.factors().items():
             new = nn.Parameter(resize_along(old.detach(), self.rank_dims[name], new_rank, keep),

@@ -183,8 +183,3 @@ def stub_layer(kind: str, weight_shape: list[int]) -> nn.Module:
     if kind == "embedding":
         return nn.Embedding(weight_shape[0], weight_shape[1], device=meta)
     raise ValueError(f"unknown layer kind {kind!r}; kinds: linear, conv1d, conv2d, embedding")
-
-
-def fp32(t: Tensor) -> Tensor:
-    """`t` in float32 for geometry (QR, SVD, solves), whatever the parameter dtype."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()

@@ -102,6 +102,9 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
     trainable = list(trainable or [])
     _check_trainable(model, trainable)
 
+    unknown = sorted(set(ranks or {}) - {name for name, _ in found})
+    if unknown:
+        raise ConfigError(f"ranks= names layers that targets= does not select: {', '.join(unknown)}")
     built = build_adapters(resolved, found, ranks or {}, rank)  # nothing changed yet
     pairs = [(name, adapter) for name, _, adapter in built]
     with installed(model, built, trainable):

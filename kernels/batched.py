@@ -1,4 +1,4 @@
-"""Stacking same-shape factors for batched geometry, and small batched helpers."""
+"""Stacking same-shape factors for batched geometry; resizing along rank dims."""
 
 from __future__ import annotations
 
@@ -20,11 +20,6 @@ def write_stacked(targets: Sequence[Tensor], stack: Tensor) -> None:
     with torch.no_grad():
         values = list(stack.to(targets[0].dtype).unbind(0))
         torch._foreach_copy_(list(targets), values)
-
-
-def sym(x: Tensor) -> Tensor:
-    """(x + xᵀ) / 2 over the last two dims; x (..., p, p)."""
-    return 0.5 * (x + x.transpose(-1, -2))
 
 
 def resize_along(t: Tensor, dims: Sequence[int], new_rank: int, keep: Tensor | None = None) -> Tensor:

@@ -317,3 +317,16 @@ def test_step_hooks_and_closure(tiny):
 
     loss = opt.step(closure)
     assert torch.is_tensor(loss) and calls == [("pre", 0), ("post", 1)]
+
+
+def test_resize_checks_keep_and_ranks_must_name_targets(tiny):
+    with pytest.raises(geopeft.ConfigError, match="ranks= names layers that targets= does not select: ffn.0"):
+        geopeft.adapt(copy.deepcopy(tiny), "lora", targets=["query"], rank=4, ranks={"ffn.0": 2})
+    geopeft.adapt(tiny, "lora", targets=["query"], rank=4)
+    opt = geopeft.optimizer(tiny, torch.optim.AdamW, lr=1e-2)
+    for bad in ([0, 0], [4], [0, 1, 2], [[0, 1]]):
+        with pytest.raises(geopeft.ShapeError, match=r"keep must be distinct rank indices in \[0, 4\)"):
+            opt.resize("query", 2, torch.tensor(bad))
+    assert tiny.query.adapter.rank == 4  # refused resizes changed nothing
+    opt.resize("query", 6, torch.tensor([3, 1]))  # grow: kept indices first, then zeros
+    assert tiny.query.adapter.A.shape == (6, 16) and torch.count_nonzero(tiny.query.adapter.A[2:]) == 0
