@@ -181,7 +181,7 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
         try:
             adapter = resolved.adapter_cls(module, rank=r, **options)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"adapter {resolved.names['adapter']!r} on {name!r} with options "
+            raise ConfigError(f"adapter {resolved.recipe.adapter!r} on {name!r} with options "
                               f"{options}: {exc}") from exc
         adapter.set_manifolds(resolved.manifolds)
         built.append((name, module, adapter))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import ConfigError, IncompatibleComponentsError, did_you_mean
@@ -45,20 +45,19 @@ class Resolved:
     transforms: list[GradientTransform]
     rank_controller: RankController
     initializer: Initializer
-    names: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """What geopeft.json records: names and options of every part."""
         return {
             "method": self.recipe.name,
-            "adapter": {"name": self.names["adapter"], "options": self.adapter_options},
-            "manifolds": {key: {"name": self.names["manifolds"][key], "options": m.options()}
+            "adapter": {"name": self.recipe.adapter, "options": self.adapter_options},
+            "manifolds": {key: {"name": self.recipe.manifolds[key], "options": m.options()}
                           for key, m in self.manifolds.items()},
             "transforms": [{"name": n, "options": t.options()}
-                           for n, t in zip(self.names["transforms"], self.transforms)],
-            "rank_controller": {"name": self.names["rank_controller"],
+                           for n, t in zip(self.recipe.transforms, self.transforms)],
+            "rank_controller": {"name": self.recipe.rank_controller,
                                 "options": self.rank_controller.options()},
-            "initializer": {"name": self.names["initializer"], "options": self.initializer.options()},
+            "initializer": {"name": self.recipe.initializer, "options": self.initializer.options()},
             "riemannian_grad": self.recipe.riemannian_grad,
             "project_every": self.recipe.project_every,
             "moments": self.recipe.moments,
@@ -101,14 +100,13 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
 
     routed = _route_options(options, adapter_name, adapter_cls, manifold_named, transforms_named,
                             controller_named, init_named)
-    manifolds = {key: _instantiate(n, routed.get(("manifold", n[0]), {}))
-                 for key, n in manifold_named.items()}
     # one instance per distinct manifold name, so same-geometry factors batch together
     shared: dict[str, Manifold] = {}
+    manifolds: dict[FactorKey, Manifold] = {}
     for key, (name, obj) in manifold_named.items():
-        if isinstance(obj, Manifold):
-            continue
-        manifolds[key] = shared.setdefault(name, manifolds[key])
+        if name not in shared or isinstance(obj, Manifold):
+            shared[name] = _instantiate((name, obj), routed.get(("manifold", name), {}))
+        manifolds[key] = shared[name]
     transforms = [_instantiate(n, routed.get(("gradient_transform", n[0]), {}))
                   for n in transforms_named]
     controller = _instantiate(controller_named, routed.get(("rank_controller", controller_named[0]), {}))
@@ -122,9 +120,6 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
     resolved = Resolved(
         recipe=recipe, adapter_cls=adapter_cls, adapter_options=routed.get(("adapter", adapter_name), {}),
         manifolds=manifolds, transforms=transforms, rank_controller=controller, initializer=initializer,
-        names={"adapter": adapter_name, "manifolds": dict(recipe.manifolds),
-               "transforms": list(recipe.transforms), "rank_controller": recipe.rank_controller,
-               "initializer": recipe.initializer},
     )
     check_compatible(resolved)
     return resolved
@@ -132,7 +127,8 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
 
 def check_compatible(resolved: Resolved) -> None:
     """Refuse parts that cannot work together, with a sentence naming both."""
-    adapter = resolved.names["adapter"]
+    recipe = resolved.recipe
+    adapter = recipe.adapter
     have = set(resolved.adapter_cls.factor_names)
     have_text = ", ".join(resolved.adapter_cls.factor_names)
     for key, manifold in resolved.manifolds.items():
@@ -140,15 +136,15 @@ def check_compatible(resolved: Resolved) -> None:
         missing = [n for n in names if n not in have]
         if missing:
             raise IncompatibleComponentsError(
-                f"manifold {resolved.names['manifolds'][key]!r} is set for factor {key!r}, but adapter "
+                f"manifold {recipe.manifolds[key]!r} is set for factor {key!r}, but adapter "
                 f"{adapter!r} has factors {have_text}")
         if manifold.coupled != (len(names) > 1):
             kind = "couples several factors" if manifold.coupled else "takes one factor"
             raise IncompatibleComponentsError(
-                f"manifold {resolved.names['manifolds'][key]!r} {kind}, but adapter {adapter!r} "
+                f"manifold {recipe.manifolds[key]!r} {kind}, but adapter {adapter!r} "
                 f"assigns it to {key!r}")
-    parts = [("gradient transform", n, t) for n, t in zip(resolved.names["transforms"], resolved.transforms)]
-    parts.append(("initializer", resolved.names["initializer"], resolved.initializer))
+    parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
+    parts.append(("initializer", recipe.initializer, resolved.initializer))
     for label, name, part in parts:
         missing = sorted(set(part.requires) - have)
         if missing:
@@ -290,9 +286,6 @@ def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Res
         manifolds=manifolds, transforms=transforms,
         rank_controller=build("rank_controller", saved["rank_controller"]),
         initializer=build("initializer", saved["initializer"]),
-        names={"adapter": adapter_name, "manifolds": dict(recipe.manifolds),
-               "transforms": list(recipe.transforms), "rank_controller": recipe.rank_controller,
-               "initializer": recipe.initializer},
     )
     check_compatible(resolved)
     return resolved
