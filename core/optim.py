@@ -127,7 +127,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
         return (f"GeometricOptimizer(method={self.recipe.name!r}, adapters={len(self.named_adapters)}, "
                 f"inner={self.optimizer!r})")
 
-    def __getstate__(self):
+    def __getstate__(self):  # Optimizer's own keeps only defaults, state and param_groups
         return self.__dict__
 
     def __setstate__(self, state):
@@ -228,7 +228,9 @@ class GeometricOptimizer(torch.optim.Optimizer):
             if p.grad is not None:
                 by_kind[p.grad.device, p.grad.dtype].append(p.grad)
         for grads in by_kind.values():
-            if not bool(torch.stack(torch._foreach_norm(grads)).float().sum().isfinite()):
+            # the max-abs norm: finite for every finite gradient (an L2 norm of a finite
+            # fp16 gradient can overflow to inf), NaN as soon as one entry is NaN
+            if not bool(torch.stack(torch._foreach_norm(grads, float("inf"))).amax().isfinite()):
                 return False
         return True
 

@@ -585,3 +585,15 @@ def test_nan_check_handles_mixed_gradient_dtypes(tiny):
     model(torch.randn(4, 16)).sum().backward()
     opt.step()
     assert opt.skipped_steps == 1 and opt.step_count == 1
+
+
+def test_large_finite_fp16_gradients_are_not_skipped():
+    model = nn.Sequential(nn.Linear(64, 64).half())
+    geopeft.adapt(model, "lora", targets=["0"], rank=2)
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.0)
+    a = model[0].adapter
+    a.A.grad = torch.full_like(a.A, 1000.0)  # finite, but its L2 norm overflows fp16
+    a.B.grad = torch.zeros_like(a.B)
+    assert torch.isinf(a.A.grad.norm())
+    opt.step()
+    assert opt.skipped_steps == 0 and opt.step_count == 1
