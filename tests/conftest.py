@@ -19,7 +19,10 @@ settings.register_profile("default", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("ci" if os.environ.get("CI") else "default")
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+# CI: fixed examples; GEOPEFT_HYPOTHESIS=thorough for a long local hunt
+settings.load_profile(os.environ.get("GEOPEFT_HYPOTHESIS") or ("ci" if os.environ.get("CI") else "default"))
 
 
 @pytest.fixture
