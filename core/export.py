@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from geopeft.kernels import full
+
 from .errors import GeopeftError
 from .model import adapted_layers, adapters, find_root, find_state
 
@@ -39,7 +41,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     alphas: dict[str, float] = {}
     fan_in_fan_out = False
     for name, adapter in pairs:
-        b, a = (t.detach().contiguous().cpu() for t in adapter.to_lora())
+        b, a = (full(t).detach().contiguous().cpu() for t in adapter.to_lora())
         kind = adapter.ops.kind
         if kind == "embedding":
             tensors[f"{PREFIX}{name}.lora_embedding_A"] = a
@@ -58,7 +60,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     for mname, module in root.named_modules():
         if any(mname == t or mname.endswith("." + t) for t in state.trainable):
             for pname, p in module.named_parameters(recurse=False):
-                tensors[f"{PREFIX}{mname}.{pname}"] = p.detach().contiguous().cpu()
+                tensors[f"{PREFIX}{mname}.{pname}"] = full(p).detach().contiguous().cpu()
     r0 = ranks[pairs[0][0]]
     alpha0 = alphas[pairs[0][0]]
     config: dict[str, Any] = {

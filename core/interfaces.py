@@ -215,7 +215,9 @@ class GradientTransform(abc.ABC):
     @abc.abstractmethod
     def transform(self, adapter: Adapter, grads: dict[str, Tensor],
                   state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """New gradients by factor name (same shapes); may update `state` in place."""
+        """New gradients by factor name (same shapes); may update `state` in place.
+        `grads` hold whole tensors; read factors as `geopeft.kernels.full(adapter.A)`,
+        which is `adapter.A` itself unless the model is sharded (FSDP2)."""
 
     def transform_group(self, adapters: Sequence[Adapter], grads: Sequence[dict[str, Tensor]],
                         states: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from geopeft.kernels import resize_along, stack_fp32, write_stacked
+from geopeft.kernels import assign_, full, resize_along, stack_fp32, write_stacked
 
 from .errors import ConfigError, GeopeftError
 from .geometry import FactorGroup, factor_groups
@@ -239,14 +239,16 @@ class GeometricOptimizer(torch.optim.Optimizer):
             live = [(n, a) for n, a in members if all(p.grad is not None for p in a.factors().values())]
             if not live:
                 continue
-            grads = [{f: p.grad for f, p in a.factors().items()} for _, a in live]
+            # transforms see whole gradients (sharded ones gathered) and read factors
+            # through geopeft.kernels.full; each rank keeps its shard of the result
+            grads = [{f: full(p.grad) for f, p in a.factors().items()} for _, a in live]
             for i, transform in enumerate(self.transforms):
                 states = [self.transform_states[n][i] for n, _ in live]
                 grads = transform.transform_group([a for _, a in live], grads, states)
             for (_, a), new in zip(live, grads):
                 for f, p in a.factors().items():
                     if new[f] is not p.grad:
-                        p.grad.copy_(new[f])
+                        assign_(p.grad, new[f])
 
     def _riemannian_grad(self, group: FactorGroup) -> None:
         params = [ps[0] for ps in group.params]

@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from geopeft.kernels import full
+
 from .errors import CheckpointError, GeopeftError
 from .layers import layer_ops
 from .model import (
@@ -49,12 +51,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     layers: dict[str, Any] = {}
     for name, adapter in adapters(model):
         for fname, p in adapter.factors().items():
-            tensors[f"adapters.{name}.{fname}"] = p.detach().contiguous().cpu()
+            tensors[f"adapters.{name}.{fname}"] = full(p).detach().contiguous().cpu()
         layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
                         "weight_shape": list(adapter.base_layer.weight.shape),
                         "dtype": str(adapter.factor_dtype).removeprefix("torch.")}
     for pname, p in _trainable_params(model, state):
-        tensors[f"trainable.{pname}"] = p.detach().contiguous().cpu()
+        tensors[f"trainable.{pname}"] = full(p).detach().contiguous().cpu()
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -2,6 +2,6 @@
 implementation (the spec). Triton versions, used on CUDA when faster, come
 with the Kernels issue and are tested against these references."""
 
-from .batched import resize_along, stack_fp32, write_stacked
+from .batched import assign_, full, resize_along, stack_fp32, write_stacked
 
-__all__ = ["resize_along", "stack_fp32", "write_stacked"]
+__all__ = ["assign_", "full", "resize_along", "stack_fp32", "write_stacked"]

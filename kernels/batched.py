@@ -7,19 +7,52 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+try:  # sharded parameters (FSDP2); absent from builds without torch.distributed
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    class DTensor:  # type: ignore[no-redef]  # nothing is an instance of it
+        pass
+
+    distribute_tensor = None
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole value of `t` on this rank: a sharded DTensor (FSDP2) is all-gathered,
+    anything else returned as is. Factors are thin (n × r), so gathering is cheap."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
 
 def stack_fp32(tensors: Sequence[Tensor]) -> Tensor:
-    """(G, n, p) float32 (or float64, kept) stack of G same-shape (n, p) tensors."""
+    """(G, n, p) float32 (or float64, kept) stack of G same-shape (n, p) tensors
+    (DTensors are gathered whole)."""
     dtype = tensors[0].dtype
-    out = torch.stack([t.detach() for t in tensors])
+    out = torch.stack([full(t).detach() for t in tensors])
     return out if dtype in (torch.float32, torch.float64) else out.float()
 
 
 def write_stacked(targets: Sequence[Tensor], stack: Tensor) -> None:
-    """targets[i] ← stack[i], cast to each target's dtype, in place (no autograd)."""
+    """targets[i] ← stack[i], cast to each target's dtype, in place (no autograd).
+    A DTensor target keeps its own shard of the value (every rank holds the same stack)."""
     with torch.no_grad():
         values = list(stack.to(targets[0].dtype).unbind(0))
-        torch._foreach_copy_(list(targets), values)
+        plain = [(t, v) for t, v in zip(targets, values) if not isinstance(t, DTensor)]
+        if plain:
+            torch._foreach_copy_([t for t, _ in plain], [v for _, v in plain])
+        for t, v in zip(targets, values):
+            if isinstance(t, DTensor):
+                assign_(t, v)
+
+
+def assign_(target: Tensor, value: Tensor) -> None:
+    """target ← value in place, in target's dtype; a DTensor target keeps its shard of
+    `value` (which must be the same on every rank)."""
+    with torch.no_grad():
+        if isinstance(target, DTensor):
+            shard = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements,
+                                      src_data_rank=None)
+            target.to_local().copy_(shard.to_local())
+        else:
+            target.copy_(value)
 
 
 def resize_along(t: Tensor, dims: Sequence[int], new_rank: int, keep: Tensor | None = None) -> Tensor:

@@ -18,6 +18,8 @@ from geopeft.geometry import max_violation
 from helpers import TinyNet
 
 HERE = Path(__file__).parent
+TRAIN = HERE / "distributed" / "train.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -97,27 +99,31 @@ def test_accelerate_prepare_keeps_geometry(tiny):
     assert max_violation([a for _, a in geopeft.adapters(tiny)]) <= 1e-5
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
-    """Two gloo ranks with half batches each end where one process with whole batches does."""
-    script = HERE / "distributed" / "ddp_train.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """The reference: one process, whole batches."""
+    out = tmp_path_factory.mktemp("single")
+    subprocess.run([sys.executable, str(TRAIN), "single", str(out)], check=True, env=ENV, timeout=120)
+    return load_file(out / "rank0.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_match_single_process(mode, single_process_run, tmp_path):
+    """Two gloo ranks with half batches each end where one process with whole batches does:
+    the geometric stages and the transform run on whole factors and stay in lockstep."""
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", str(script), str(tmp_path)],
-                   check=True, env=env, capture_output=True, timeout=300)
-    single = tmp_path / "single"
-    single.mkdir()
-    subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=120)
+                    "--nproc_per_node", "2", str(TRAIN), mode, str(tmp_path)],
+                   check=True, env=ENV, capture_output=True, timeout=300)
     r0 = load_file(tmp_path / "rank0.safetensors")
     r1 = load_file(tmp_path / "rank1.safetensors")
-    ref = load_file(single / "rank0.safetensors")
-    assert r0.keys() == r1.keys() == ref.keys()
+    assert r0.keys() == r1.keys() == single_process_run.keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # ranks stay in lockstep
-        assert torch.allclose(r0[k], ref[k], atol=1e-5), k
+        assert torch.allclose(r0[k], single_process_run[k], atol=1e-5), k
         if k.endswith(".A"):
             norms = r0[k].norm(dim=-1)
             assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     torch.manual_seed(0)
-    loaded = geopeft.load(TinyNet(), tmp_path / "adapter0")  # saved from the DDP wrapper
+    loaded = geopeft.load(TinyNet(), tmp_path / "adapter0")  # saved from the wrapped model
     for name, a in geopeft.adapters(loaded):
         assert torch.equal(a.A, r0[f"{name}.adapter.A"])

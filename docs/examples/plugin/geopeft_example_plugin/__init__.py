@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 import geopeft
+from geopeft.kernels import full
 
 
 class ObliqueManifold(geopeft.Manifold):
@@ -48,8 +49,8 @@ class ScaledGD(geopeft.GradientTransform):
         return self.transform_group([adapter], [grads], [state])[0]
 
     def transform_group(self, adapters, grads, states):
-        a = torch.stack([ad.A.detach().float() for ad in adapters])  # (G, r, n)
-        b = torch.stack([ad.B.detach().float() for ad in adapters])  # (G, m, r)
+        a = torch.stack([full(ad.A).detach().float() for ad in adapters])  # (G, r, n)
+        b = torch.stack([full(ad.B).detach().float() for ad in adapters])  # (G, m, r)
         ga = torch.stack([g["A"].float() for g in grads])
         gb = torch.stack([g["B"].float() for g in grads])
         eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
