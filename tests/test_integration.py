@@ -127,3 +127,20 @@ def test_two_ranks_match_single_process(mode, single_process_run, tmp_path):
     loaded = geopeft.load(TinyNet(), tmp_path / "adapter0")  # saved from the wrapped model
     for name, a in geopeft.adapters(loaded):
         assert torch.equal(a.A, r0[f"{name}.adapter.A"])
+
+
+def test_torch_compile_fullgraph(tiny):
+    """The adapted model compiles without graph breaks and trains through the compiled module."""
+    geopeft.adapt(tiny, "lora", targets="all-linear", rank=4, manifold={"A": "oblique"})
+    ids = torch.randint(0, 50, (4, 6))
+    expected = tiny(ids)
+    compiled = torch.compile(tiny, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(ids), expected, atol=1e-6)
+    opt = geopeft.optimizer(compiled, torch.optim.AdamW, lr=1e-2)
+    assert [n for n, _ in geopeft.adapters(compiled)] == ["query", "value", "ffn.0", "ffn.2"]
+    for _ in range(2):
+        compiled(ids).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.step_count == 2
+    assert max_violation([a for _, a in geopeft.adapters(tiny)]) <= 1e-5
