@@ -34,7 +34,7 @@ def components() -> dict[str, list[str]]:
 
 # imported after the interfaces: these modules use them
 from .export import export_peft  # noqa: E402
-from .model import adapt, adapters, merge, unmerge  # noqa: E402
+from .model import adapt, adapters, disable_adapters, merge, unmerge  # noqa: E402
 from .optim import GeometricOptimizer, optimizer  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
@@ -42,5 +42,5 @@ __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
     "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError", "adapt",
-    "adapters", "components", "export_peft", "hookimpl", "load", "merge", "optimizer", "save", "unmerge",
+    "adapters", "components", "disable_adapters", "export_peft", "hookimpl", "load", "merge", "optimizer", "save", "unmerge",
 ]

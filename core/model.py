@@ -155,6 +155,20 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes its base function (adapters skipped)."""
+    layers = _layers_or_error(model)
+    before = [layer.disabled for _, layer in layers]
+    for _, layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for (_, layer), flag in zip(layers, before):
+            layer.disabled = flag
+
+
 def project_onto_manifolds(adapters_: Sequence[Adapter]) -> None:
     """Put every factor on a non-Euclidean manifold onto it (batched by shape)."""
     from .geometry import factor_groups

@@ -190,3 +190,17 @@ def test_dropout_only_in_training(tiny):
 def test_rslora_recipe_scaling(tiny):
     geopeft.adapt(tiny, "rslora", targets=["query"], rank=4, alpha=8)
     assert tiny.query.adapter.scaling == pytest.approx(8 / 2)
+
+
+def test_disable_adapters_gives_base_outputs(tiny):
+    ids = torch.randint(0, 50, (4, 7))
+    base = tiny(ids)
+    geopeft.adapt(tiny, "lora", targets="all-linear", rank=4)
+    with torch.no_grad():
+        for _, a in geopeft.adapters(tiny):
+            a.B.normal_()
+    adapted = tiny(ids)
+    assert not torch.allclose(adapted, base)
+    with geopeft.disable_adapters(tiny):
+        assert torch.equal(tiny(ids), base)
+    assert torch.equal(tiny(ids), adapted)
