@@ -136,7 +136,11 @@ class GeometricOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ planning
     def _plan(self) -> None:
         """Precompute, once per structure change, what each step touches."""
-        self._params = [p for g in self.param_groups for p in g["params"]]
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for g in self.param_groups:
+            for p in g["params"]:
+                by_kind[p.device, p.dtype].append(p)
+        self._params_by_kind = list(by_kind.values())  # one fused finite check per kind
         adapters_ = [a for _, a in self.named_adapters]
         groups = [g for g in factor_groups(adapters_) if not g.manifold.is_euclidean]
         self._retract_groups = [g for g in groups if g.manifold.post_step == "retract"]
@@ -223,11 +227,10 @@ class GeometricOptimizer(torch.optim.Optimizer):
         return loss
 
     def _grads_finite(self) -> bool:
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-        for p in self._params:
-            if p.grad is not None:
-                by_kind[p.grad.device, p.grad.dtype].append(p.grad)
-        for grads in by_kind.values():
+        for params in self._params_by_kind:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                continue
             # the max-abs norm: finite for every finite gradient (an L2 norm of a finite
             # fp16 gradient can overflow to inf), NaN as soon as one entry is NaN
             if not bool(torch.stack(torch._foreach_norm(grads, float("inf"))).amax().isfinite()):

@@ -444,31 +444,20 @@ def _resave_weights(directory: Path, change) -> None:
     save_file(tensors, str(path), metadata={"format": "geopeft-adapter"})
 
 
-def test_safetensors_missing_a_tensor(saved, fresh):
+@pytest.mark.parametrize("edit_weights, fragments", [
+    (lambda t: t.pop("adapters.value.B"), ["lacks 1 tensor(s)", "adapters.value.B"]),
+    (lambda t: t.__setitem__("adapters.ffn.0.A", torch.zeros(2, 16)),
+     ["does not describe", "adapters.ffn.0.A"]),
+    (lambda t: t.__setitem__("adapters.query.A", torch.zeros(3, 16)),
+     ["'adapters.query.A'", "(3, 16)", "(2, 16)"]),
+], ids=["missing-tensor", "extra-tensor", "wrong-shape"])
+def test_safetensors_that_do_not_match_the_config(saved, fresh, edit_weights, fragments):
     directory, _ = saved
-    _resave_weights(directory, lambda t: t.pop("adapters.value.B"))
+    _resave_weights(directory, edit_weights)
     with pytest.raises(geopeft.CheckpointError) as info:
         geopeft.load(fresh(), directory)
-    msg = str(info.value)
-    assert "lacks 1 tensor(s)" in msg and "adapters.value.B" in msg
-
-
-def test_safetensors_with_an_extra_tensor(saved, fresh):
-    directory, _ = saved
-    _resave_weights(directory, lambda t: t.__setitem__("adapters.ffn.0.A", torch.zeros(2, 16)))
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), directory)
-    msg = str(info.value)
-    assert "does not describe" in msg and "adapters.ffn.0.A" in msg
-
-
-def test_safetensors_tensor_of_the_wrong_shape(saved, fresh):
-    directory, _ = saved
-    _resave_weights(directory, lambda t: t.__setitem__("adapters.query.A", torch.zeros(3, 16)))
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), directory)
-    msg = str(info.value)
-    assert "'adapters.query.A'" in msg and "(3, 16)" in msg and "(2, 16)" in msg
+    for fragment in fragments:
+        assert fragment in str(info.value)
 
 
 def test_failed_load_leaves_the_model_untouched(saved, fresh):
