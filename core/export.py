@@ -22,7 +22,7 @@ from torch import nn
 from geopeft.kernels import full
 
 from .errors import GeopeftError
-from .model import adapted_layers, adapters, find_root, find_state
+from .model import adapted_layers, adapters, find_root, find_state, trainable_params
 
 PREFIX = "base_model.model."
 
@@ -57,10 +57,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         rank = a.shape[0]
         ranks[name] = rank
         alphas[name] = adapter.scaling * rank  # PEFT's scaling is lora_alpha / r
-    for mname, module in root.named_modules():
-        if any(mname == t or mname.endswith("." + t) for t in state.trainable):
-            for pname, p in module.named_parameters(recurse=False):
-                tensors[f"{PREFIX}{mname}.{pname}"] = full(p).detach().contiguous().cpu()
+    for pname, p in trainable_params(root, state.trainable):
+        tensors[f"{PREFIX}{pname}"] = full(p).detach().contiguous().cpu()
     r0 = ranks[pairs[0][0]]
     alpha0 = alphas[pairs[0][0]]
     config: dict[str, Any] = {

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe
+from .layers import layer_ops
 from .recipes import Resolved, resolve
-from .targets import find_targets
+from .targets import find_targets, name_matches
 
 STATE_ATTR = "geopeft_state"
 
@@ -105,6 +106,11 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
     unknown = sorted(set(ranks or {}) - {name for name, _ in found})
     if unknown:
         raise ConfigError(f"ranks= names layers that targets= does not select: {', '.join(unknown)}")
+    for t in trainable:
+        inside = [name for name, _ in found if name_matches(name, t) or f".{t}." in f".{name}"]
+        if inside:
+            raise ConfigError(f"trainable={t!r} contains adapted layer(s) {', '.join(inside[:3])}: a "
+                              "module is either adapted or fully trained; narrow targets= or trainable=")
     built = build_adapters(resolved, found, ranks or {}, rank)  # nothing changed yet
     pairs = [(name, adapter) for name, _, adapter in built]
     with installed(model, built, trainable):
@@ -225,12 +231,21 @@ def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
         raise
 
 
+def trainable_params(model: nn.Module, trainable: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
+    """[(full parameter name, parameter)] of the modules named in `trainable`, their
+    submodules' included, each once: what `adapt` unfreezes, `save` and `export_peft` write."""
+    found: dict[str, nn.Parameter] = {}
+    for mname, module in model.named_modules():
+        if any(name_matches(mname, t) for t in trainable):
+            for pname, p in module.named_parameters():
+                found.setdefault(f"{mname}.{pname}", p)
+    return list(found.items())
+
+
 def set_trainable(model: nn.Module, trainable: Sequence[str]) -> None:
     """Unfreeze the modules named (or name-suffixed) in `trainable`."""
-    for name, module in model.named_modules():
-        if any(name == t or name.endswith("." + t) for t in trainable):
-            for p in module.parameters():
-                p.requires_grad_(True)
+    for _, p in trainable_params(model, trainable):
+        p.requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -248,8 +263,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _check_rank(name: str, module: nn.Module, rank: int) -> None:
-    from .layers import layer_ops
-
     ops = layer_ops(module)
     if rank > min(ops.m, ops.n):
         raise ConfigError(f"rank {rank} is larger than layer {name!r} allows ({ops.m}x{ops.n}): "
@@ -259,5 +272,5 @@ def _check_rank(name: str, module: nn.Module, rank: int) -> None:
 def _check_trainable(model: nn.Module, trainable: list[str]) -> None:
     names = [n for n, _ in model.named_modules() if n]
     for t in trainable:
-        if not any(n == t or n.endswith("." + t) for n in names):
+        if not any(name_matches(n, t) for n in names):
             raise TargetError(f"trainable={t!r} matches no module of the model")

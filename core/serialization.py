@@ -32,6 +32,7 @@ from .model import (
     find_root,
     find_state,
     installed,
+    trainable_params,
 )
 from .recipes import from_json
 
@@ -55,7 +56,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
                         "weight_shape": list(adapter.base_layer.weight.shape),
                         "dtype": str(adapter.factor_dtype).removeprefix("torch.")}
-    for pname, p in _trainable_params(model, state):
+    for pname, p in trainable_params(model, state.trainable):
         tensors[f"trainable.{pname}"] = full(p).detach().contiguous().cpu()
     config = {
         "format": FORMAT,
@@ -100,7 +101,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     trainable = list(config.get("trainable", []))
     state = AdaptState(resolved, int(config["rank"]), config.get("alpha"), list(layers), None, trainable)
     expected = {f"adapters.{n}.{f}": p for n, _, a in built for f, p in a.factors().items()}
-    expected.update({f"trainable.{n}": p for n, p in _trainable_params(model, state)})
+    expected.update({f"trainable.{n}": p for n, p in trainable_params(model, state.trainable)})
     _check_tensors(directory, expected, tensors)  # every check before the model changes
     with torch.no_grad():
         for key, p in expected.items():
@@ -167,17 +168,6 @@ def _check_tensors(directory: Path, expected: dict[str, Any], tensors: dict[str,
             raise CheckpointError(f"{directory}/{WEIGHTS}: tensor {key!r} is {t.dtype} "
                                   f"{tuple(t.shape)} but geopeft.json describes {p.dtype} "
                                   f"{tuple(p.shape)}; the two files do not belong together")
-
-
-def _trainable_params(model: nn.Module, state: AdaptState) -> list[tuple[str, nn.Parameter]]:
-    if not state.trainable:
-        return []
-    out = []
-    for mname, module in model.named_modules():
-        if any(mname == t or mname.endswith("." + t) for t in state.trainable):
-            for pname, p in module.named_parameters():
-                out.append((f"{mname}.{pname}", p))
-    return list(dict(out).items())
 
 
 def _dtype(name: str, directory: Path) -> torch.dtype:

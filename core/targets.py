@@ -48,7 +48,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] | None,
         pass
     elif not isinstance(targets, str):
         for item in targets:
-            hits = [(n, m) for n, m in matches if _name_match(n, item)]
+            hits = [(n, m) for n, m in matches if name_matches(n, item)]
             if hits and not any(layer_ops(m) is not None for _, m in hits):
                 n, m = hits[0]
                 raise TargetError(f"target {item!r} matches {n!r}, which cannot be adapted: "
@@ -66,7 +66,8 @@ def _walk(model: nn.Module, skip: set[int], prefix: str = ""):
         yield from _walk(child, skip, f"{prefix}.{name}" if prefix else name)
 
 
-def _name_match(name: str, item: str) -> bool:
+def name_matches(name: str, item: str) -> bool:
+    """PEFT's rule: `name` is `item` or ends with '.' + `item`."""
     return name == item or name.endswith("." + item)
 
 
@@ -77,11 +78,11 @@ def _matches(name: str, module: nn.Module, targets: str | Sequence[str]) -> bool
             return (ops is not None and ops.kind in ("linear", "conv1d")
                     and name.rsplit(".", 1)[-1] not in OUTPUT_HEADS)
         if targets == "attention":
-            return any(_name_match(name, t) for t in ATTENTION)
+            return any(name_matches(name, t) for t in ATTENTION)
         if targets == "attention-qv":
-            return any(_name_match(name, t) for t in ("query", "value", "q_proj", "v_proj", "q", "v"))
+            return any(name_matches(name, t) for t in ("query", "value", "q_proj", "v_proj", "q", "v"))
         return re.fullmatch(targets, name) is not None
-    return any(_name_match(name, t) for t in targets)
+    return any(name_matches(name, t) for t in targets)
 
 
 def _nothing_matched(targets: str | Sequence[str], named: list[tuple[str, nn.Module]]) -> str:

@@ -586,3 +586,9 @@ def test_large_finite_fp16_gradients_are_not_skipped():
     assert torch.isinf(a.A.grad.norm())
     opt.step()
     assert opt.skipped_steps == 0 and opt.step_count == 1
+
+
+def test_trainable_module_may_not_contain_an_adapted_layer(tiny):
+    with pytest.raises(geopeft.ConfigError, match=r"trainable='ffn' contains adapted layer\(s\) ffn.0"):
+        geopeft.adapt(tiny, "lora", targets="all-linear", rank=2, trainable=["ffn"])
+    assert not geopeft.adapters(tiny) and all(p.requires_grad for p in tiny.parameters())

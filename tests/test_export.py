@@ -116,3 +116,19 @@ def test_cli_export_reports_bad_source(tmp_path, capsys):
 
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a geopeft adapter directory" in capsys.readouterr().err
+
+
+def test_export_keeps_every_parameter_of_a_nested_trainable_head(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2)))
+    fresh = copy.deepcopy(base)
+    geopeft.adapt(base, "lora", targets="0", rank=2, trainable=["1"])  # regex: "0" only
+    with torch.no_grad():
+        base[0].adapter.B.normal_()
+        for p in base[1].parameters():
+            p.add_(1.0)  # a trained head, nested two levels deep
+    geopeft.export_peft(base, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), base(x), atol=1e-6)
