@@ -71,8 +71,6 @@ class AdaptState:
     resolved: Resolved
     rank: int
     alpha: float | None
-    targets: Any
-    exclude: Any
     trainable: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -117,7 +115,7 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
         with torch.no_grad():
             resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
             project_onto_manifolds([a for _, a in pairs])
-    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, targets, exclude, trainable))
+    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable))
     return model
 
 

@@ -28,7 +28,7 @@ from geopeft.kernels import assign_, full, resize_along, stack_fp32, write_stack
 
 from .errors import ConfigError, GeopeftError
 from .geometry import FactorGroup, factor_groups
-from .interfaces import Adapter
+from .interfaces import Adapter, factor_names_of
 from .model import AdaptState, adapters, find_state
 
 #: optimizer-state entries that are first moments (tangent vectors) of their parameter
@@ -166,7 +166,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
         decay pulls them off the manifold (GeoLoRA's official code erodes orthonormality so)."""
         constrained = {id(p) for a in (a for _, a in self.named_adapters)
                        for key, m in a.factor_manifolds().items() if not m.is_euclidean
-                       for p in (getattr(a, n) for n in key.split(","))}
+                       for p in (getattr(a, n) for n in factor_names_of(key))}
         if not constrained:
             return
         new_groups = []
@@ -207,10 +207,10 @@ class GeometricOptimizer(torch.optim.Optimizer):
             return loss
         if self.transforms:
             self._apply_transforms()
+        olds = [group.stacked() for group in self._retract_groups]  # stages 2 and 4 share them
         if self.recipe.riemannian_grad:
-            for group in self._retract_groups:
-                self._riemannian_grad(group)
-        olds = [group.stacked() for group in self._retract_groups]
+            for group, old in zip(self._retract_groups, olds):
+                self._riemannian_grad(group, old)
         self.optimizer.step()
         for group, old in zip(self._retract_groups, olds):
             new = self._retract(group, old)
@@ -253,14 +253,15 @@ class GeometricOptimizer(torch.optim.Optimizer):
                     if new[f] is not p.grad:
                         assign_(p.grad, new[f])
 
-    def _riemannian_grad(self, group: FactorGroup) -> None:
-        params = [ps[0] for ps in group.params]
-        live = [p for p in params if p.grad is not None]
+    def _riemannian_grad(self, group: FactorGroup, old: Tensor) -> None:
+        """Gradients ← egrad_to_rgrad at the stacked points `old` (G, n, p)."""
+        grads = [ps[0].grad for ps in group.params]
+        live = [i for i, g in enumerate(grads) if g is not None]
         if not live:
             return
-        x = stack_fp32(live)
-        g = stack_fp32([p.grad for p in live])
-        write_stacked([p.grad for p in live], group.manifold.egrad_to_rgrad(x, g))
+        x = old if len(live) == len(grads) else old[live]
+        g = stack_fp32([grads[i] for i in live])
+        write_stacked([grads[i] for i in live], group.manifold.egrad_to_rgrad(x, g))
 
     def _retract(self, group: FactorGroup, old: Tensor) -> Tensor:
         manifold = group.manifold

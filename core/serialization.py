@@ -99,7 +99,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     dtypes = {n: _dtype(i["dtype"], directory) for n, i in layers.items()}
     built = build_adapters(resolved, found, ranks, int(config["rank"]), dtypes)
     trainable = list(config.get("trainable", []))
-    state = AdaptState(resolved, int(config["rank"]), config.get("alpha"), list(layers), None, trainable)
+    state = AdaptState(resolved, int(config["rank"]), config.get("alpha"), trainable)
     expected = {f"adapters.{n}.{f}": p for n, _, a in built for f, p in a.factors().items()}
     expected.update({f"trainable.{n}": p for n, p in trainable_params(model, state.trainable)})
     _check_tensors(directory, expected, tensors)  # every check before the model changes

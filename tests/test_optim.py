@@ -330,3 +330,18 @@ def test_resize_checks_keep_and_ranks_must_name_targets(tiny):
     assert tiny.query.adapter.rank == 4  # refused resizes changed nothing
     opt.resize("query", 6, torch.tensor([3, 1]))  # grow: kept indices first, then zeros
     assert tiny.query.adapter.A.shape == (6, 16) and torch.count_nonzero(tiny.query.adapter.A[2:]) == 0
+
+
+def test_factor_without_gradient_stays_put_while_its_group_steps(tiny):
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4, manifold={"A": "oblique"})
+    opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.3)
+    tiny(_batch(0)).pow(2).mean().backward()
+    query, value = tiny.query.adapter, tiny.value.adapter
+    value.A.grad = None  # same shape and manifold as query.A: one group, one member idle
+    q_old, v_old = query.A.detach().clone(), value.A.detach().clone()
+    g = query.A.grad.clone()
+    opt.step()
+    assert torch.equal(value.A, v_old)
+    rgrad = g - q_old * (q_old * g).sum(-1, keepdim=True)
+    moved = q_old - 0.3 * rgrad
+    assert torch.allclose(query.A, moved / moved.norm(dim=-1, keepdim=True), atol=1e-6)
