@@ -104,6 +104,9 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
     unknown = sorted(set(ranks or {}) - {name for name, _ in found})
     if unknown:
         raise ConfigError(f"ranks= names layers that targets= does not select: {', '.join(unknown)}")
+    if resolved.initializer.needs_data and (init_batches is None or loss_fn is None):
+        raise ConfigError(f"initializer {resolved.recipe.initializer!r} computes the factors from data: "
+                          "pass init_batches= (a few calibration batches) and loss_fn=")
     for t in trainable:
         inside = [name for name, _ in found if name_matches(name, t) or f".{t}." in f".{name}"]
         if inside:

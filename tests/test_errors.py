@@ -592,3 +592,20 @@ def test_trainable_module_may_not_contain_an_adapted_layer(tiny):
     with pytest.raises(geopeft.ConfigError, match=r"trainable='ffn' contains adapted layer\(s\) ffn.0"):
         geopeft.adapt(tiny, "lora", targets="all-linear", rank=2, trainable=["ffn"])
     assert not geopeft.adapters(tiny) and all(p.requires_grad for p in tiny.parameters())
+
+
+def test_data_initializer_without_batches_is_refused_before_any_change(tiny, plugin):
+    import types
+
+    class FromData(geopeft.Initializer):
+        needs_data = True
+
+        def initialize(self, adapters, model=None, batches=None, loss_fn=None):
+            raise AssertionError("must not run without data")
+
+    plugin(types.SimpleNamespace(register_initializers=geopeft.hookimpl(
+        lambda register: register("from_data", FromData))), "data-init")
+    with pytest.raises(geopeft.ConfigError, match="initializer 'from_data' computes the factors from "
+                                                   "data: pass init_batches="):
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=2, initializer="from_data")
+    assert not geopeft.adapters(tiny)

@@ -204,3 +204,16 @@ def test_disable_adapters_gives_base_outputs(tiny):
     with geopeft.disable_adapters(tiny):
         assert torch.equal(tiny(ids), base)
     assert torch.equal(tiny(ids), adapted)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding"])
+def test_base_weight_is_the_matrix_view_that_delta_layout_inverts(kind):
+    """Initialisers (SVD of W) read base_weight() as (m, n); to_weight_layout maps back."""
+    torch.manual_seed(0)
+    layer, _ = _layer(kind, 6, 5, torch.float32)
+    model = Holder(layer)
+    geopeft.adapt(model, "lora", targets=["layer"], rank=2)
+    (_, adapter), = geopeft.adapters(model)
+    w = adapter.base_weight()
+    assert tuple(w.shape) == adapter.shape == (adapter.B.shape[0], adapter.A.shape[1])
+    assert torch.equal(adapter.ops.to_weight_layout(w, layer), layer.weight)
