@@ -9,7 +9,8 @@ One `step()`:
   4. post-step geometry: Δ = x_new − x_old projected to the tangent space at x_old
      and retracted from x_old — or, for `post_step = "project"` manifolds, projection
      of x_new every `project_every` steps; batched per factor group;
-  5. optimizer-state maintenance: first moments transported (`moments="transport"`);
+  5. optimizer-state maintenance: first moments transported (`moments="transport"`) from
+     the old points to the retracted or projected ones;
      state resized along with factors when ranks change (`resize`);
   6. the rank controller.
 """
@@ -219,7 +220,11 @@ class GeometricOptimizer(torch.optim.Optimizer):
         self.step_count += 1
         if self._project_groups and self.step_count % self.recipe.project_every == 0:
             for group in self._project_groups:
-                group.write(group.manifold.project(group.stacked()))
+                old = group.stacked()
+                new = group.manifold.project(old)
+                group.write(new)
+                if self.recipe.moments == "transport":
+                    self._transport_moments(group, old, new)
         if not self.rank_controller.static:
             changed = self.rank_controller.step(self.step_count, self.named_adapters, self)
             if changed:
@@ -271,15 +276,25 @@ class GeometricOptimizer(torch.optim.Optimizer):
         group.write(point)
         return point
 
-    def _transport_moments(self, group: FactorGroup, old: Tensor, new: Tensor) -> None:
-        params = [ps[0] for ps in group.params]
+    def _transport_moments(self, group: FactorGroup, old, new) -> None:
+        """First moments follow their factors: manifold.transport(old, new, moments), batched;
+        for a coupled manifold, points and moments are tuples with one stack per factor."""
+        coupled = group.manifold.coupled
         for key in FIRST_MOMENTS:
-            idx = [i for i, p in enumerate(params) if key in self.state.get(p, {})]
+            idx = [i for i, ps in enumerate(group.params)
+                   if all(key in self.state.get(p, {}) for p in ps)]
             if not idx:
                 continue
-            moments = [self.state[params[i]][key] for i in idx]
-            moved = group.manifold.transport(old[idx], new[idx], stack_fp32(moments))
-            write_stacked(moments, moved)
+            moments = [[self.state[group.params[i][j]][key] for i in idx]
+                       for j in range(len(group.names))]
+            stacks = tuple(stack_fp32(ms) for ms in moments)
+            if coupled:
+                moved = group.manifold.transport(tuple(t[idx] for t in old),
+                                                 tuple(t[idx] for t in new), stacks)
+            else:
+                moved = (group.manifold.transport(old[idx], new[idx], stacks[0]),)
+            for ms, stack in zip(moments, moved):
+                write_stacked(ms, stack)
 
     # ------------------------------------------------------------------ ranks
     def resize(self, name: str, new_rank: int, keep: Tensor | None = None) -> None:

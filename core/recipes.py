@@ -174,7 +174,7 @@ def _adapter(value: Any, reg: Registry) -> tuple[str, type[Adapter]]:
 def _manifold_spec(adapter_cls: type[Adapter], recipe_manifolds: Mapping[str, Any],
                    override: Any) -> dict[FactorKey, Any]:
     spec: dict[FactorKey, Any] = dict(adapter_cls.default_manifolds)
-    spec.update(recipe_manifolds)
+    _merge_manifolds(spec, recipe_manifolds)  # a recipe's "B,A" replaces the adapter's "A", "B"
     if override is None:
         return spec
     if isinstance(override, (str, Manifold)):  # one manifold for every single factor
@@ -182,13 +182,18 @@ def _manifold_spec(adapter_cls: type[Adapter], recipe_manifolds: Mapping[str, An
     if not isinstance(override, Mapping):
         raise ConfigError("manifold= takes a name, a Manifold, or a dict {factor: name or Manifold}, "
                           f"got {type(override).__name__}")
-    for key in override:
-        # a coupled key replaces the single-factor entries it covers, and vice versa
+    _merge_manifolds(spec, override)
+    return spec
+
+
+def _merge_manifolds(spec: dict[FactorKey, Any], new: Mapping[FactorKey, Any]) -> None:
+    """spec.update(new), where a coupled key replaces the single-factor entries it covers,
+    and vice versa."""
+    for key in new:
         names = set(factor_names_of(key))
         for old in [k for k in spec if k != key and names & set(factor_names_of(k))]:
             del spec[old]
-    spec.update(override)
-    return spec
+    spec.update(new)
 
 
 def _named(kind: str, value: Any, base: type, reg: Registry) -> tuple[str, Any]:

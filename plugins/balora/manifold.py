@@ -1,0 +1,92 @@
+"""The `balanced` manifold: LoRA pairs (B, A) with BᵀB = AAᵀ, reached without changing BA."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from geopeft import Manifold
+from geopeft.kernels import (
+    balance,
+    balance_violation,
+    balanced_tangent,
+    default_rank_rtol,
+    push_through_basis_change,
+)
+
+logger = logging.getLogger("geopeft.plugins.balora")
+
+Pair = tuple[Tensor, Tensor]
+
+
+class BalancedManifold(Manifold):
+    """Pairs (B (…, m, r), A (…, r, n)) with BᵀB = AAᵀ; a coupled manifold on the key "B,A".
+
+    `project` balances each pair without changing its product BA (QR of B and Aᵀ, SVD of
+    the r×r core, √Σ split: `geopeft.kernels.balance`), batched over same-shape pairs, in
+    the stack's dtype (float32, or float64 if given float64). Pairs whose product has
+    numerical rank < r — σ_r(BA) ≤ rank_rtol·σ_1(BA), default rank_rtol = max(m, n)·ε
+    of the dtype (ε = 1.19e-7 in float32) — are left unchanged, and how many is logged
+    at debug level on the "geopeft.plugins.balora" logger: balancing them would zero
+    directions for good (LoRA's B = 0 at init). They are balanced as soon as BA has full rank.
+
+    The optimizer calls `project` after every `project_every`-th step (post_step = "project")
+    and, with `moments="transport"`, `transport` to push the first moments through the
+    change of basis.
+    """
+
+    name = "balanced"
+    coupled = True
+    post_step = "project"
+
+    def __init__(self, rank_rtol: float | None = None):
+        if rank_rtol is not None and not 0.0 <= float(rank_rtol) < 1.0:
+            raise ValueError(f"rank_rtol must be in [0, 1) (a relative singular-value tolerance), "
+                             f"got {rank_rtol!r}")
+        self.rank_rtol = None if rank_rtol is None else float(rank_rtol)
+
+    def project(self, x: Pair) -> Pair:
+        b, a = x
+        out = balance(b, a, self.rank_rtol)
+        if logger.isEnabledFor(logging.DEBUG):  # counting needs a device sync: only when asked
+            skipped = int((~out.full_rank).sum())
+            if skipped:
+                m, r = b.shape[-2:]
+                n = a.shape[-1]
+                rtol = default_rank_rtol(m, n, b.dtype) if self.rank_rtol is None else self.rank_rtol
+                logger.debug("balanced: %d of %d pairs B %dx%d, A %dx%d left unbalanced: their "
+                             "product BA has numerical rank < %d (sigma_min <= %.3g * sigma_max); "
+                             "they are balanced once BA has full rank", skipped,
+                             out.full_rank.numel(), m, r, r, n, r, rtol)
+        return out.B, out.A
+
+    def violation(self, x: Pair) -> Tensor:
+        """‖BᵀB − AAᵀ‖_F / ‖BᵀB‖_F per pair."""
+        return balance_violation(*x)
+
+    def project_tangent(self, x: Pair, u: Pair) -> Pair:
+        return balanced_tangent(x[0], x[1], u[0], u[1])
+
+    def retract(self, x: Pair, u: Pair) -> Pair:
+        return self.project((x[0] + u[0], x[1] + u[1]))
+
+    def transport(self, x: Pair, y: Pair, v: Pair) -> Pair:
+        """Gradient-like v = (v_B, v_A) at x = (B, A) carried to y = (B R⁻¹, R A), a pair with
+        the same product (y = project(x)): (v_B Rᵀ, R⁻ᵀ v_A), as gradients of L(BA) change
+        under the basis change. Used for the optimizer's first moments (moments="transport")."""
+        return push_through_basis_change(x[0], x[1], y[0], y[1], v[0], v[1])
+
+    def random_point(self, shape: Sequence[Any], generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float32) -> Pair:
+        """`shape` is the pair of shapes ((…, m, r), (…, r, n)); a Gaussian pair, balanced."""
+        shape_b, shape_a = (tuple(s) for s in shape)
+        b = torch.randn(*shape_b, generator=generator, dtype=dtype)
+        a = torch.randn(*shape_a, generator=generator, dtype=dtype)
+        return self.project((b, a))
+
+    def options(self) -> dict[str, Any]:
+        return {"rank_rtol": self.rank_rtol}
