@@ -1,5 +1,5 @@
-"""BaLoRA — balanced LoRA (Castin, Nadjahi, Ablin, Peyré, ICML 2026, arXiv 2605.31484;
-official code: github.com/vcastin/balora).
+"""BaLoRA — Castin, Nadjahi, Ablin, Peyré, "Balanced LoRA: Removing Parameter Invariance
+to Accelerate Convergence", ICML 2026, arXiv 2605.31484 (official code: github.com/vcastin/balora).
 
 (B R⁻¹, R A) has the same product BA for every invertible R; the balanced pair
 (BᵀB = AAᵀ) gives both factors the condition number √cond(BA). BaLoRA trains plain
