@@ -49,6 +49,9 @@ class Manifold(abc.ABC):
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
     post_step: ClassVar[str] = "retract"
+    #: True when M is a cone (c·x ∈ M for x ∈ M, c > 0): weight decay keeps factors on M,
+    #: so the optimizer leaves their weight decay as the param groups say.
+    scale_invariant: ClassVar[bool] = False
 
     @abc.abstractmethod
     def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:

@@ -164,9 +164,11 @@ class GeometricOptimizer(torch.optim.Optimizer):
 
     def _no_weight_decay_on_manifolds(self) -> None:
         """Factors on non-Euclidean manifolds get weight_decay 0 whatever the groups say:
-        decay pulls them off the manifold (GeoLoRA's official code erodes orthonormality so)."""
+        decay pulls them off the manifold (GeoLoRA's official code erodes orthonormality so)
+        — unless the manifold is a cone (`scale_invariant`), which decay does not leave."""
         constrained = {id(p) for a in (a for _, a in self.named_adapters)
-                       for key, m in a.factor_manifolds().items() if not m.is_euclidean
+                       for key, m in a.factor_manifolds().items()
+                       if not (m.is_euclidean or m.scale_invariant)
                        for p in (getattr(a, n) for n in factor_names_of(key))}
         if not constrained:
             return

@@ -436,3 +436,19 @@ def test_minilm_balora_trains_saves_and_loads(minilm_path, tmp_path):
         loaded = geopeft.load(fresh, tmp_path).eval()
         assert torch.equal(loaded(**batch).last_hidden_state, out)
         assert max_violation([a for _, a in geopeft.adapters(loaded)]) <= 1e-5
+
+
+def test_weight_decay_is_kept_it_does_not_unbalance():
+    """The balanced set is a cone: decay shrinks B and A alike, so the optimizer keeps the
+    groups' weight decay for BaLoRA (it zeroes it only for manifolds that decay leaves)."""
+    model, x, y = _regression()
+    geopeft.adapt(model, "balora", targets=["0"], rank=3)
+    opt = geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.5)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5]
+    adapter = geopeft.adapters(model)[0][1]
+    with torch.no_grad():
+        adapter.B.normal_()
+    b, a = BALANCED().project((adapter.B.detach(), adapter.A.detach()))
+    assert BALANCED().violation(((1 - 5e-3) * b, (1 - 5e-3) * a)) <= 1e-5
+    _fit(model, x, y, 3, opt)
+    assert max_violation([adapter]) <= 1e-5

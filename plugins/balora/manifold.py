@@ -36,12 +36,14 @@ class BalancedManifold(Manifold):
 
     The optimizer calls `project` after every `project_every`-th step (post_step = "project")
     and, with `moments="transport"`, `transport` to push the first moments through the
-    change of basis.
+    change of basis. Weight decay shrinks B and A alike and keeps a pair balanced, so the
+    optimizer applies it as for LoRA (`scale_invariant`).
     """
 
     name = "balanced"
     coupled = True
     post_step = "project"
+    scale_invariant = True  # (cB, cA) is balanced when (B, A) is: weight decay is kept
 
     def __init__(self, rank_rtol: float | None = None):
         if rank_rtol is not None and not 0.0 <= float(rank_rtol) < 1.0:
