@@ -183,6 +183,11 @@ def _manifold_spec(adapter_cls: type[Adapter], recipe_manifolds: Mapping[str, An
         raise ConfigError("manifold= takes a name, a Manifold, or a dict {factor: name or Manifold}, "
                           f"got {type(override).__name__}")
     _merge_manifolds(spec, override)
+    # a factor left without an entry (a coupled key split by a single-factor one) gets its default
+    covered = {n for key in spec for n in factor_names_of(key)}
+    for key, name in adapter_cls.default_manifolds.items():
+        if not covered & set(factor_names_of(key)):
+            spec[key] = name
     return spec
 
 

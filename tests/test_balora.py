@@ -452,3 +452,10 @@ def test_weight_decay_is_kept_it_does_not_unbalance():
     assert BALANCED().violation(((1 - 5e-3) * b, (1 - 5e-3) * a)) <= 1e-5
     _fit(model, x, y, 3, opt)
     assert max_violation([adapter]) <= 1e-5
+
+
+def test_a_single_factor_override_splits_the_coupled_key():
+    model = geopeft.adapt(TinyNet(), "balora", targets=["query"], rank=3, manifold={"A": "oblique"})
+    manifolds = geopeft.adapters(model)[0][1].factor_manifolds()
+    assert sorted(manifolds) == ["A", "B"]
+    assert manifolds["A"].name == "oblique" and manifolds["B"].is_euclidean  # B back to its default
