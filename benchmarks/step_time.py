@@ -15,7 +15,8 @@ check that all methods adapt the same layers with the same number of trainable
 parameters (and, before any training, compute the same loss), the methods take turns
 step by step - warm-up rounds first, then timed rounds - so that load from other
 processes hits all of them alike; the order within a round rotates every round.
-Per method it reports the median step time (time.perf_counter) and its ratio to the
+Per method it reports the median step time (time.perf_counter), the median time of
+optimizer.step() alone (where geometric methods add their work), and the ratio to the
 baseline's median (PEFT LoRA; < 1 means faster than PEFT), then each method's ratio to
 the method GOALS compares it with (geopeft-balora: BaLoRA's step, which balances all
 36 pairs after the AdamW step, against geopeft's LoRA step; goal <= 1.03).
@@ -142,14 +143,17 @@ def loss_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch).last_hidden_state.pow(2).mean()
 
 
-def train_step(built: Built, batch: dict[str, Tensor]) -> float:
-    """One forward + backward + optimizer step; returns its wall-clock time in seconds."""
+def train_step(built: Built, batch: dict[str, Tensor]) -> tuple[float, float]:
+    """One forward + backward + optimizer step; returns its wall-clock time and that of
+    `optimizer.step()` alone (where geometric methods add their work), in seconds."""
     start = time.perf_counter()
     loss = loss_of(built.model, batch)
     loss.backward()
+    before_step = time.perf_counter()
     built.optimizer.step()
+    after_step = time.perf_counter()
     built.optimizer.zero_grad()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, after_step - before_step
 
 
 # ----------------------------------------------------------------------------- checks
@@ -177,23 +181,29 @@ def check_same_setup(built: dict[str, Built], batch: dict[str, Tensor]) -> None:
 
 # ----------------------------------------------------------------------------- timing
 def run_rounds(built: dict[str, Built], batch: dict[str, Tensor], rounds: int,
-               times: dict[str, list[float]] | None, label: str) -> None:
+               times: dict[str, list[float]] | None, label: str,
+               opt_times: dict[str, list[float]] | None = None) -> None:
     """`rounds` rounds of one step per method; the order rotates every round.
-    Step times are appended to `times[name]` (warm-up: times=None)."""
+    Step times are appended to `times[name]` (warm-up: times=None), those of
+    optimizer.step() alone to `opt_times[name]`."""
     names = list(built)
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         line = []
         for name in order:
-            seconds = train_step(built[name], batch)
+            seconds, opt_seconds = train_step(built[name], batch)
             if times is not None:
                 times[name].append(seconds)
+            if opt_times is not None:
+                opt_times[name].append(opt_seconds)
             line.append(f"{name} {seconds * 1e3:7.0f} ms")
         print(f"  {label} {r + 1:3d}/{rounds}: " + "  ".join(line), flush=True)
 
 
-def summarize(times: dict[str, list[float]], built: dict[str, Built]) -> dict[str, dict]:
-    """Per method: median/min/max/mean step time in ms, trainable params, ratio to baseline."""
+def summarize(times: dict[str, list[float]], built: dict[str, Built],
+              opt_times: dict[str, list[float]]) -> dict[str, dict]:
+    """Per method: median/min/max/mean step time in ms, median optimizer.step() time in ms,
+    trainable params, ratio to baseline."""
     base = times[BASELINE]
     base_median = statistics.median(base)
     out = {}
@@ -202,6 +212,7 @@ def summarize(times: dict[str, list[float]], built: dict[str, Built]) -> dict[st
         out[name] = {
             "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
             "mean_ms": statistics.fmean(ts) * 1e3, "steps_ms": [t * 1e3 for t in ts],
+            "optimizer_step_median_ms": statistics.median(opt_times[name]) * 1e3,
             "trainable_params": built[name].trainable, "adapted_layers": len(built[name].adapted),
             "ratio_to_baseline": med / base_median,
             "paired_ratio_median": statistics.median(t / b for t, b in zip(ts, base)),
@@ -225,17 +236,19 @@ def goal_ratios(results: dict[str, dict]) -> dict[str, dict]:
 def print_table(results: dict[str, dict]) -> None:
     """The results as a table, one row per method."""
     header = (f"{'method':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'ratio':>7} "
-              f"{'paired':>7} {'trainable':>11} {'layers':>7}")
+              f"{'paired':>7} {'opt ms':>7} {'trainable':>11} {'layers':>7}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         print(f"{name:<14} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
               f"{r['ratio_to_baseline']:7.3f} {r['paired_ratio_median']:7.3f} "
+              f"{r['optimizer_step_median_ms']:7.1f} "
               f"{r['trainable_params']:11,} {r['adapted_layers']:7d}")
     print(f"ratio  = median step time / the baseline's ({BASELINE}) median step time "
           "(goals below)")
     print("paired = median over rounds of (step time / the baseline's step time in the same "
           "round): less sensitive to load that changes from round to round")
+    print("opt ms = median time of optimizer.step() alone (a geometric method's own work is there)")
     for name, g in goal_ratios(results).items():
         print(f"{name} / {g['reference']}: ratio {g['ratio']:.3f}, paired {g['paired']:.3f} "
               f"(goal: <= {g['goal']:.2f})")
@@ -300,8 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     load_before = load_average()
     run_rounds(built, batch, args.warmup, None, "warm-up")
     times: dict[str, list[float]] = {name: [] for name in built}
-    run_rounds(built, batch, args.steps, times, "step   ")
-    results = summarize(times, built)
+    opt_times: dict[str, list[float]] = {name: [] for name in built}
+    run_rounds(built, batch, args.steps, times, "step   ", opt_times)
+    results = summarize(times, built, opt_times)
     env["load_average_1min"] = {"before": load_before, "after": load_average()}
     print()
     print_table(results)
