@@ -66,6 +66,11 @@ class Manifold(abc.ABC):
         """Move tangent v at x to the tangent space at y (projection transport)."""
         return self.project_tangent(y, v)
 
+    def post_step_delta(self, x: Tensor, delta: Tensor) -> Tensor:
+        """The step Δ = x_new − x_old that the base optimizer took from x, as it is to be
+        projected and retracted (e.g. StelLA's √(d/n) scaling); default: Δ unchanged."""
+        return delta
+
     @abc.abstractmethod
     def project(self, x: Tensor) -> Tensor:
         """The nearest point of M to x (or a cheap feasible point that fixes x when x ∈ M)."""

@@ -3,5 +3,22 @@ implementation (the spec). Triton versions, used on CUDA when faster, come
 with the Kernels issue and are tested against these references."""
 
 from .batched import assign_, full, resize_along, stack_fp32, write_stacked
+from .stiefel import (
+    POLAR_METHODS,
+    canonical_rgrad,
+    cayley_retract,
+    gram_violation,
+    inv_sqrt_newton_schulz,
+    polar,
+    polar_retract,
+    qr_retract,
+    random_stiefel,
+    sym,
+    tangent_project,
+)
 
-__all__ = ["assign_", "full", "resize_along", "stack_fp32", "write_stacked"]
+__all__ = [
+    "POLAR_METHODS", "assign_", "canonical_rgrad", "cayley_retract", "full", "gram_violation",
+    "inv_sqrt_newton_schulz", "polar", "polar_retract", "qr_retract", "random_stiefel", "resize_along",
+    "stack_fp32", "sym", "tangent_project", "write_stacked",
+]
