@@ -38,25 +38,34 @@ def gram_violation(x: Tensor) -> Tensor:
 def polar(y: Tensor, method: str = "gram", iters: int = 40, tol: float | None = None) -> Tensor:
     """The orthonormal polar factor y·(yᵀy)^{-1/2} of full-column-rank y (..., n, p).
 
-    - "gram": eigendecomposition of the p×p Gram matrix, O(n·p²); exact to rounding
-      when yᵀy is well conditioned, as it is in a retraction (yᵀy = I + ΔᵀΔ for
-      y = x + Δ with Δ tangent, so its eigenvalues are ≥ 1).
-    - "svd": y = PΣQᵀ → PQᵀ; the reference, robust for any full-rank y.
-    - "newton_schulz": the coupled Newton–Schulz iteration for (yᵀy)^{-1/2} on the
-      p×p Gram matrix (matrix products only: the GPU-friendly route); converges
-      quadratically, stops when ‖ZY − I‖_F ≤ tol or after `iters` iterations.
+    Every route does its O(n·p²) work in y's dtype and its small p×p work in float64
+    (O(p³), negligible; an fp32 eigh/SVD of the p×p core loses an order of magnitude of
+    orthonormality at p = 64):
+    - "gram": eigendecomposition of the p×p Gram matrix yᵀy; exact to rounding when yᵀy
+      is well conditioned, as it is in a retraction (yᵀy = I + ΔᵀΔ for y = x + Δ with Δ
+      tangent, so its eigenvalues are ≥ 1);
+    - "svd": y = QR, R = PΣWᵀ → Q·P·Wᵀ; the reference, robust for any full-rank y;
+    - "newton_schulz": the coupled Newton–Schulz iteration for (yᵀy)^{-1/2} (matrix
+      products only: the GPU-friendly route); converges quadratically, stops when
+      ‖ZY − I‖_F ≤ tol or after `iters` iterations.
     """
     if method == "svd":
-        p, _, qh = torch.linalg.svd(y, full_matrices=False)
-        return p @ qh
-    gram = y.mT @ y
+        q, r = torch.linalg.qr(y)
+        p, _, wh = torch.linalg.svd(r.to(_wide(r)))
+        return q @ (p @ wh).to(y.dtype)
+    gram = (y.mT @ y).to(_wide(y))
     if method == "gram":
         w, q = torch.linalg.eigh(gram)
-        w = w.clamp_min(torch.finfo(y.dtype).tiny)
-        return y @ ((q * w.rsqrt().unsqueeze(-2)) @ q.mT)
+        w = w.clamp_min(torch.finfo(w.dtype).tiny)
+        return y @ ((q * w.rsqrt().unsqueeze(-2)) @ q.mT).to(y.dtype)
     if method == "newton_schulz":
-        return y @ inv_sqrt_newton_schulz(gram, iters, tol)
+        return y @ inv_sqrt_newton_schulz(gram, iters, tol).to(y.dtype)
     raise ValueError(f"unknown polar method {method!r}; choose one of {', '.join(POLAR_METHODS)}")
+
+
+def _wide(t: Tensor) -> torch.dtype:
+    """float64 for the small p×p work (float32 on MPS, which has no float64)."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
 
 
 def inv_sqrt_newton_schulz(c: Tensor, iters: int = 40, tol: float | None = None) -> Tensor:
