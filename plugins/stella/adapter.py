@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from geopeft import Adapter
+from geopeft import Adapter, ShapeError
 from geopeft.kernels import random_stiefel
 
 
@@ -58,6 +58,26 @@ class USVAdapter(Adapter):
         """B = U·S, A = Vᵀ: scaling·B·A = ΔW (the scale stays the adapter's)."""
         s = torch.diag(self.S) if self.diag_s else self.S
         return self.U @ s, self.V.mT
+
+    @torch.no_grad()
+    def resize(self, new_rank: int, keep: Tensor | None = None):
+        """Adapter.resize, then the new columns of U and V are filled orthonormally (to
+        each other and to the kept ones) while S's new rows and columns stay zero: U, V
+        stay on the Stiefel manifold and ΔW does not change."""
+        m, n = self.shape
+        if isinstance(new_rank, int) and new_rank > min(m, n):
+            raise ShapeError(f"rank {new_rank} is larger than this {m}x{n} layer allows (U and V "
+                             f"need orthonormal columns): use rank <= {min(m, n)}")
+        kept = min(self.rank, new_rank) if keep is None else len(keep)
+        swapped = super().resize(new_rank, keep)
+        if new_rank > kept:
+            for factor in (self.U, self.V):
+                old = factor[:, :kept].float()
+                fresh = torch.randn(factor.shape[0], new_rank - kept, device=factor.device)
+                for _ in range(2):  # twice: one Gram–Schmidt pass loses orthogonality
+                    fresh = fresh - old @ (old.T @ fresh)
+                factor[:, kept:] = torch.linalg.qr(fresh).Q.to(factor.dtype)
+        return swapped
 
     def options(self):
         return {**super().options(), "diag_s": self.diag_s, "dropout": self.dropout_p}
