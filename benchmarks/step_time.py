@@ -71,6 +71,10 @@ class Built:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     adapted: list[str]
+    #: trainable parameters beyond LoRA's (m + n)·r per layer (e.g. StelLA's r×r S)
+    extra_params: int = 0
+    #: ΔW = 0 at init, so the initial loss is the base model's (StelLA starts from U·Vᵀ ≠ 0)
+    zero_init: bool = True
 
     @property
     def trainable(self) -> int:
@@ -103,11 +107,24 @@ def build_geopeft_lora(args: argparse.Namespace) -> Built:
     return Built(model, optimizer, adapted)
 
 
+def build_geopeft_stella(args: argparse.Namespace) -> Built:
+    """geopeft's StelLA (U·S·Vᵀ on the Stiefel manifold, canonical-metric gradient, polar
+    retraction, steps scaled by √(d/n) with d = 384) + geopeft.optimizer over AdamW."""
+    model = geopeft.adapt(load_minilm(), method="stella", targets=TARGETS,
+                          rank=args.rank, alpha=2 * args.rank, dropout=0.0)
+    optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
+    adapted = [name for name, _ in geopeft.adapters(model)]
+    return Built(model, optimizer, adapted, extra_params=len(adapted) * args.rank ** 2, zero_init=False)
+
+
 #: method name -> builder; the baseline (BASELINE) first. Add new methods here.
 METHODS: dict[str, Callable[[argparse.Namespace], Built]] = {
     "peft-lora": build_peft_lora,
     "geopeft-lora": build_geopeft_lora,
+    "geopeft-stella": build_geopeft_stella,
 }
+#: a second reference: each method's step time is also given relative to this one
+LORA = "geopeft-lora"
 
 
 # ----------------------------------------------------------------------------- the step
@@ -135,8 +152,9 @@ def train_step(built: Built, batch: dict[str, Tensor]) -> float:
 
 # ----------------------------------------------------------------------------- checks
 def check_same_setup(built: dict[str, Built], batch: dict[str, Tensor]) -> None:
-    """All methods adapt the same 36 layers, train as many parameters and, before any
-    step, compute the same loss (B = 0 at init, so each equals the base model's)."""
+    """All methods adapt the same 36 layers, train as many parameters (plus what a method
+    declares as extra, e.g. StelLA's S) and, before any step, those with ΔW = 0 at init
+    compute the same loss (the base model's)."""
     base = built[BASELINE]
     assert len(base.adapted) == EXPECTED_LAYERS, (
         f"{BASELINE} adapted {len(base.adapted)} layers, expected {EXPECTED_LAYERS}")
@@ -145,14 +163,17 @@ def check_same_setup(built: dict[str, Built], batch: dict[str, Tensor]) -> None:
         assert sorted(b.adapted) == sorted(base.adapted), (
             f"{name} adapts other layers than {BASELINE}: "
             f"{sorted(set(b.adapted) ^ set(base.adapted))}")
-        assert b.trainable == base.trainable, (
-            f"{name} trains {b.trainable:,} parameters, {BASELINE} {base.trainable:,}")
+        assert b.trainable == base.trainable + b.extra_params, (
+            f"{name} trains {b.trainable:,} parameters, {BASELINE} {base.trainable:,} "
+            f"(+{b.extra_params:,} declared extra)")
         b.model.eval()
         with torch.no_grad():
             losses[name] = loss_of(b.model, batch).item()
         b.model.train()
     ref = losses[BASELINE]
     for name, value in losses.items():
+        if not built[name].zero_init:
+            continue
         assert abs(value - ref) <= 1e-5 * abs(ref), f"initial loss {name} {value} != {BASELINE} {ref}"
 
 
@@ -187,22 +208,28 @@ def summarize(times: dict[str, list[float]], built: dict[str, Built]) -> dict[st
             "ratio_to_baseline": med / base_median,
             "paired_ratio_median": statistics.median(t / b for t, b in zip(ts, base)),
         }
+        if LORA in times:
+            lora = times[LORA]
+            out[name]["ratio_to_lora"] = med / statistics.median(lora)
+            out[name]["paired_ratio_to_lora"] = statistics.median(t / b for t, b in zip(ts, lora))
     return out
 
 
 def print_table(results: dict[str, dict]) -> None:
     """The results as a table, one row per method."""
-    header = (f"{'method':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'ratio':>7} "
-              f"{'paired':>7} {'trainable':>11} {'layers':>7}")
+    header = (f"{'method':<16} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'ratio':>7} "
+              f"{'paired':>7} {'vs lora':>8} {'paired':>7} {'trainable':>11} {'layers':>7}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        print(f"{name:<14} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
+        print(f"{name:<16} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
               f"{r['ratio_to_baseline']:7.3f} {r['paired_ratio_median']:7.3f} "
+              f"{r.get('ratio_to_lora', float('nan')):8.3f} {r.get('paired_ratio_to_lora', float('nan')):7.3f} "
               f"{r['trainable_params']:11,} {r['adapted_layers']:7d}")
-    print(f"ratio  = median step time / the baseline's ({BASELINE}) median step time "
+    print(f"ratio   = median step time / the baseline's ({BASELINE}) median step time "
           "(goal for geopeft-lora: <= 1.00)")
-    print("paired = median over rounds of (step time / the baseline's step time in the same "
+    print(f"vs lora = median step time / {LORA}'s median step time (goal for geopeft-stella: <= 1.05)")
+    print("paired  = median over rounds of (step time / the reference's step time in the same "
           "round): less sensitive to load that changes from round to round")
 
 
