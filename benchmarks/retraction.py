@@ -8,12 +8,15 @@ the optimizer's new values X + Δ, project Δ onto the tangent space at X and re
     192 factors of 4096 × 32   (e.g. U and V of the q/k/v/o/up/down projections of a 8B model at r=32)
      64 factors of 14336 × 32  (e.g. the MLP factors of a LLaMA-3-8B, r=32)
 
-Four ways, all in float32 on the CPU:
-    loop-svd     a per-layer loop, polar factor by SVD (what a per-parameter Riemannian
-                 optimizer does; the baseline)
-    batched-svd  one batched call, polar factor by SVD (the official StelLA code's trick)
-    loop-gram    a per-layer loop of geopeft's kernel (p×p Gram eigendecomposition)
-    batched-gram one batched call of geopeft's kernel (what `geopeft.optimizer` runs)
+Six ways, all in float32 on the CPU:
+    loop-svd      a per-layer loop: Δ projected, polar factor of x + Δ by SVD (what a
+                  per-parameter Riemannian optimizer does; the baseline)
+    batched-svd   the same in one batched call (the official StelLA code's trick)
+    loop-gram     a per-layer loop, polar factor from the p×p Gram matrix's eigh
+    batched-gram  the same in one batched call
+    loop-fused    a per-layer loop of geopeft's fused kernel (`polar_retract_step`:
+                  projection and retraction from three p×p reductions, y never formed)
+    batched-fused one batched call of the fused kernel: what `geopeft.optimizer` runs
 Each is run `--repeats` times, the ways taking turns; the median time and its ratio to
 the baseline (loop-svd; > 1 means faster) are printed, and the batched/loop ratio of the
 same algorithm.
@@ -35,13 +38,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from geopeft.kernels import polar, random_stiefel, tangent_project
+from geopeft.kernels import polar, polar_retract_step, random_stiefel, tangent_project
 
 CASES = {"192x4096x32": (192, 4096, 32), "64x14336x32": (64, 14336, 32)}
 
 
 def retract(x: Tensor, new: Tensor, method: str) -> Tensor:
     """StelLA's step 3 without the scaling: Δ projected at x, polar retraction of x + Δ."""
+    if method == "fused":
+        return polar_retract_step(x, new)
     return polar(x + tangent_project(x, new - x), method)
 
 
@@ -53,8 +58,9 @@ def looped(method: str) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda x, new: torch.stack([retract(xi, ni, method) for xi, ni in zip(x, new)])
 
 
-WAYS = {"loop-svd": looped("svd"), "batched-svd": batched("svd"),
-        "loop-gram": looped("gram"), "batched-gram": batched("gram")}
+ALGORITHMS = ("svd", "gram", "fused")
+WAYS = {f"{how}-{algo}": (looped if how == "loop" else batched)(algo)
+        for algo in ALGORITHMS for how in ("loop", "batched")}
 BASELINE = "loop-svd"
 
 
@@ -98,7 +104,7 @@ def main() -> None:
         for way, ts in times.items():
             med = statistics.median(ts)
             print(f"{way:<14}{med:>10.4f}{base / med:>21.2f}x")
-        for algo in ("svd", "gram"):
+        for algo in ALGORITHMS:
             ratio = statistics.median(times[f"loop-{algo}"]) / statistics.median(times[f"batched-{algo}"])
             print(f"batched vs loop, same algorithm ({algo}): {ratio:.2f}x")
     if args.json:

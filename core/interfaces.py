@@ -71,6 +71,12 @@ class Manifold(abc.ABC):
         projected and retracted (e.g. StelLA's √(d/n) scaling); default: Δ unchanged."""
         return delta
 
+    def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
+        """The point after the base optimizer moved x to `new` (off the manifold):
+        retract(x, project_tangent(x, post_step_delta(x, new − x))). Override with a fused
+        kernel that computes the same thing faster."""
+        return self.retract(x, self.project_tangent(x, self.post_step_delta(x, new - x)))
+
     @abc.abstractmethod
     def project(self, x: Tensor) -> Tensor:
         """The nearest point of M to x (or a cheap feasible point that fixes x when x ∈ M)."""

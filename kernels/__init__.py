@@ -11,6 +11,7 @@ from .stiefel import (
     inv_sqrt_newton_schulz,
     polar,
     polar_retract,
+    polar_retract_step,
     qr_retract,
     random_stiefel,
     sym,
@@ -19,6 +20,6 @@ from .stiefel import (
 
 __all__ = [
     "POLAR_METHODS", "assign_", "canonical_rgrad", "cayley_retract", "full", "gram_violation",
-    "inv_sqrt_newton_schulz", "polar", "polar_retract", "qr_retract", "random_stiefel", "resize_along",
+    "inv_sqrt_newton_schulz", "polar", "polar_retract", "polar_retract_step", "qr_retract", "random_stiefel", "resize_along",
     "stack_fp32", "sym", "tangent_project", "write_stacked",
 ]

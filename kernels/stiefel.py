@@ -89,6 +89,36 @@ def polar_retract(x: Tensor, u: Tensor, method: str = "gram") -> Tensor:
     return polar(x + u, method)
 
 
+def polar_retract_step(x: Tensor, new: Tensor, scale: float = 1.0, method: str = "gram") -> Tensor:
+    """StelLA's whole post-step geometry in one pass: with Δ = scale·(new − x), the polar
+    retraction of x + Δ − x·sym(xᵀΔ) (the step projected to the tangent space at x).
+
+    Fused: y = x·T + Δ with T = I − sym(xᵀΔ), so yᵀy = Tᵀ(xᵀx)T + Tᵀ(xᵀΔ) + (Δᵀx)T + ΔᵀΔ
+    comes from three p×p reductions, and the result y·(yᵀy)^{-1/2} = x·(TZ) + Δ·Z from two
+    products — y is never formed, the n×p data is read four times instead of eight.
+    xᵀx enters as computed (not assumed I), so the result is orthonormal to rounding even
+    when x has drifted. `method`: "gram" (eigh) or "newton_schulz" for Z = (yᵀy)^{-1/2}.
+    """
+    if method not in ("gram", "newton_schulz"):
+        return polar(x + tangent_project(x, scale * (new - x)), method)
+    shape = x.shape
+    x3, new3 = x.reshape(-1, *shape[-2:]), new.reshape(-1, *shape[-2:])
+    delta = new3 - x3
+    if scale != 1.0:
+        delta = delta * scale
+    wide = _wide(x)
+    xtx, xtd, dtd = ((x3.mT @ x3).to(wide), (x3.mT @ delta).to(wide), (delta.mT @ delta).to(wide))
+    t = torch.eye(shape[-1], dtype=wide, device=x.device) - 0.5 * (xtd + xtd.mT)
+    gram = t.mT @ xtx @ t + t.mT @ xtd + xtd.mT @ t + dtd
+    if method == "gram":
+        w, q = torch.linalg.eigh(gram)
+        z = (q * w.clamp_min(torch.finfo(wide).tiny).rsqrt().unsqueeze(-2)) @ q.mT
+    else:
+        z = inv_sqrt_newton_schulz(gram)
+    out = torch.baddbmm(x3 @ (t @ z).to(x.dtype), delta, z.to(x.dtype))
+    return out.reshape(shape)
+
+
 def qr_retract(x: Tensor, u: Tensor) -> Tensor:
     """The QR retraction: Q of x + u = QR, signs fixed so that diag(R) > 0 (unique)."""
     q, r = torch.linalg.qr(x + u)

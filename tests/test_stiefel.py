@@ -178,3 +178,27 @@ def test_bad_options_say_what_is_allowed(options, needle):
     with pytest.raises(ValueError) as info:
         stiefel(**options)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("polar_method", ["gram", "newton_schulz"])
+@given(data=point_and_tangent(), size=st.floats(1e-4, 0.5), scale=st.sampled_from([1.0, 0.5, 2.0]))
+def test_the_fused_step_equals_scale_project_retract(polar_method, data, size, scale):
+    """retract_step(x, new) of the polar routes == retract(x, P_x(√(d/n)·(new − x))),
+    for an ambient (not tangent) step, as the base optimizer takes."""
+    x, u, dtype = data
+    n = x.shape[-2]
+    m = stiefel(polar_method=polar_method, step_scaling=n / scale**2)  # √(d/n) = 1/scale
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    new = x + size * (u + 0.3 * noise / noise.norm())
+    fused = m.retract_step(x, new)
+    generic = m.retract(x, m.project_tangent(x, m.post_step_delta(x, new - x)))
+    assert float(m.violation(fused).max()) <= tol(dtype)
+    assert torch.allclose(fused, generic, atol=tol(dtype) / 2, rtol=0)
+
+
+def test_the_fused_step_restores_a_drifted_point():
+    """x slightly off the manifold (as bf16 storage leaves it): the result is orthonormal."""
+    x = K.random_stiefel((4, 300, 16)).to(torch.bfloat16).float()
+    assert float(K.gram_violation(x).max()) > 1e-3
+    y = K.polar_retract_step(x, x + 1e-3 * torch.randn_like(x))
+    assert float(K.gram_violation(y).max()) <= 1e-5

@@ -16,6 +16,7 @@ from geopeft.kernels import (
     cayley_retract,
     gram_violation,
     polar,
+    polar_retract_step,
     qr_retract,
     random_stiefel,
     tangent_project,
@@ -86,11 +87,21 @@ class StiefelManifold(Manifold):
             return qr_retract(x, u)
         return cayley_retract(x, u)
 
+    def step_scale(self, rows: int) -> float:
+        """√(d/n) for an n-row factor; 1 when steps are not scaled or n = d."""
+        d = self.reference_size
+        return 1.0 if d is None or rows == d else math.sqrt(d / rows)
+
     def post_step_delta(self, x: Tensor, delta: Tensor) -> Tensor:
-        d, n = self.reference_size, x.shape[-2]
-        if d is None or n == d:
-            return delta
-        return delta * math.sqrt(d / n)
+        scale = self.step_scale(x.shape[-2])
+        return delta if scale == 1.0 else delta * scale
+
+    def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
+        """Scale, project and polar-retract in one fused kernel (the same point as the
+        three steps one after the other); other retractions take the generic route."""
+        if self.retraction == "polar" and self.polar_method in ("gram", "newton_schulz"):
+            return polar_retract_step(x, new, self.step_scale(x.shape[-2]), self.polar_method)
+        return super().retract_step(x, new)
 
     def project(self, x: Tensor) -> Tensor:
         """The nearest orthonormal matrix (polar factor by SVD: x need not be near St)."""
