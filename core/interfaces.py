@@ -66,16 +66,11 @@ class Manifold(abc.ABC):
         """Move tangent v at x to the tangent space at y (projection transport)."""
         return self.project_tangent(y, v)
 
-    def post_step_delta(self, x: Tensor, delta: Tensor) -> Tensor:
-        """The step Δ = x_new − x_old that the base optimizer took from x, as it is to be
-        projected and retracted (e.g. StelLA's √(d/n) scaling); default: Δ unchanged."""
-        return delta
-
     def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
-        """The point after the base optimizer moved x to `new` (off the manifold):
-        retract(x, project_tangent(x, post_step_delta(x, new − x))). Override with a fused
-        kernel that computes the same thing faster."""
-        return self.retract(x, self.project_tangent(x, self.post_step_delta(x, new - x)))
+        """The point after the base optimizer moved x to `new` (off the manifold): by
+        default retract(x, project_tangent(x, new − x)). Override to change the step
+        (StelLA scales it) or to fuse the two into one faster kernel."""
+        return self.retract(x, self.project_tangent(x, new - x))
 
     @abc.abstractmethod
     def project(self, x: Tensor) -> Tensor:

@@ -214,6 +214,8 @@ def test_hidden_size_comes_from_the_model_or_the_error_says_how_to_give_it(tiny)
     geopeft.adapt(copy.deepcopy(tiny), "stella", targets=["query"], step_scaling=False)
     geopeft.adapt(copy.deepcopy(tiny), "stella", targets=["query"], step_scaling=24.0)
     tiny.config = type("Config", (), {"hidden_size": 16})()
+    explicit = geopeft.adapt(copy.deepcopy(tiny), "stella", targets=["query"], hidden_size=20)
+    assert explicit.geopeft_state.resolved.manifolds["U"].hidden_size == 20  # an option wins
     geopeft.adapt(tiny, "stella", targets=["query"])
     assert tiny.geopeft_state.resolved.manifolds["U"].hidden_size == 16
 

@@ -158,13 +158,21 @@ def test_cayley_is_the_cayley_transform():
     assert torch.allclose(K.cayley_retract(x, u), dense, atol=1e-12)
 
 
-def test_step_scaling_multiplies_the_step_by_sqrt_d_over_rows():
-    delta = torch.ones(2, 96, 4)
-    x = torch.zeros(2, 96, 4)
-    assert torch.equal(stiefel().post_step_delta(x, delta), delta)  # off by default
-    scaled = stiefel(step_scaling=True, hidden_size=384).post_step_delta(x, delta)
-    assert torch.allclose(scaled, delta * math.sqrt(384 / 96))
-    assert torch.equal(stiefel(step_scaling=96.0).post_step_delta(x, delta), delta)  # n = d: skipped
+@pytest.mark.parametrize("retraction", ["polar", "qr"])
+def test_step_scaling_multiplies_the_step_by_sqrt_d_over_rows(retraction):
+    """retract_step(x, x + Δ) = retract(x, P_x(√(d/n)·Δ)); skipped when n = d or off."""
+    x = K.random_stiefel((2, 96, 4), dtype=torch.float64)
+    delta = 1e-2 * torch.randn(2, 96, 4, dtype=torch.float64)
+    plain = stiefel(retraction=retraction)
+
+    def step(scale):
+        return plain.retract(x, plain.project_tangent(x, scale * delta))
+
+    assert torch.allclose(plain.retract_step(x, x + delta), step(1.0))  # off by default
+    scaled = stiefel(retraction=retraction, step_scaling=True, hidden_size=384)
+    assert torch.allclose(scaled.retract_step(x, x + delta), step(math.sqrt(384 / 96)))
+    same = stiefel(retraction=retraction, step_scaling=96.0)  # n = d: skipped
+    assert torch.allclose(same.retract_step(x, x + delta), step(1.0))
 
 
 @pytest.mark.parametrize("options,needle", [
@@ -191,7 +199,7 @@ def test_the_fused_step_equals_scale_project_retract(polar_method, data, size, s
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
     new = x + size * (u + 0.3 * noise / noise.norm())
     fused = m.retract_step(x, new)
-    generic = m.retract(x, m.project_tangent(x, m.post_step_delta(x, new - x)))
+    generic = m.retract(x, m.project_tangent(x, (new - x) / scale))
     assert float(m.violation(fused).max()) <= tol(dtype)
     assert torch.allclose(fused, generic, atol=tol(dtype) / 2, rtol=0)
 

@@ -92,16 +92,13 @@ class StiefelManifold(Manifold):
         d = self.reference_size
         return 1.0 if d is None or rows == d else math.sqrt(d / rows)
 
-    def post_step_delta(self, x: Tensor, delta: Tensor) -> Tensor:
-        scale = self.step_scale(x.shape[-2])
-        return delta if scale == 1.0 else delta * scale
-
     def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
-        """Scale, project and polar-retract in one fused kernel (the same point as the
-        three steps one after the other); other retractions take the generic route."""
+        """StelLA's step 3: Δ = new − x scaled by √(d/n), projected to T_x, retracted from x.
+        The polar routes run it as one fused kernel (the same point)."""
+        scale = self.step_scale(x.shape[-2])
         if self.retraction == "polar" and self.polar_method in ("gram", "newton_schulz"):
-            return polar_retract_step(x, new, self.step_scale(x.shape[-2]), self.polar_method)
-        return super().retract_step(x, new)
+            return polar_retract_step(x, new, scale, self.polar_method)
+        return self.retract(x, self.project_tangent(x, scale * (new - x)))
 
     def project(self, x: Tensor) -> Tensor:
         """The nearest orthonormal matrix (polar factor by SVD: x need not be near St)."""
