@@ -11,7 +11,25 @@ from .balanced import (
     push_through_basis_change,
 )
 from .batched import assign_, full, resize_along, stack_fp32, write_stacked
+from .stiefel import (
+    POLAR_METHODS,
+    canonical_rgrad,
+    cayley_retract,
+    gram_violation,
+    inv_sqrt_newton_schulz,
+    polar,
+    polar_retract,
+    polar_retract_step,
+    qr_retract,
+    random_stiefel,
+    sym,
+    tangent_project,
+)
 
-__all__ = ["Balanced", "assign_", "balance", "balance_violation", "balanced_tangent",
-           "default_rank_rtol", "full", "push_through_basis_change", "resize_along",
-           "stack_fp32", "write_stacked"]
+__all__ = [
+    "POLAR_METHODS", "Balanced", "assign_", "balance", "balance_violation", "balanced_tangent",
+    "canonical_rgrad", "cayley_retract", "default_rank_rtol", "full", "gram_violation",
+    "inv_sqrt_newton_schulz", "polar", "polar_retract", "polar_retract_step",
+    "push_through_basis_change", "qr_retract", "random_stiefel", "resize_along",
+    "stack_fp32", "sym", "tangent_project", "write_stacked",
+]

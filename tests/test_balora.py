@@ -459,3 +459,29 @@ def test_a_single_factor_override_splits_the_coupled_key():
     manifolds = geopeft.adapters(model)[0][1].factor_manifolds()
     assert sorted(manifolds) == ["A", "B"]
     assert manifolds["A"].name == "oblique" and manifolds["B"].is_euclidean  # B back to its default
+
+
+class _ScaledPairInit(geopeft.Initializer):
+    """Test initializer: a full-rank, badly unbalanced pair (B large, A small), like PiSSA-style
+    inits with a large α/r."""
+
+    requires = frozenset({"A", "B"})
+
+    def initialize(self, adapters, model=None, batches=None, loss_fn=None):
+        gen = torch.Generator().manual_seed(7)
+        for _, a in adapters:
+            a.B.copy_(100 * torch.randn(a.B.shape, generator=gen))
+            a.A.copy_(0.01 * torch.randn(a.A.shape, generator=gen))
+
+
+def test_a_full_rank_init_is_balanced_at_adapt_with_its_product_kept(plugin):
+    plugin(types.SimpleNamespace(register_initializers=geopeft.hookimpl(
+        lambda register: register("scaled_pair", _ScaledPairInit))), "scaled-pair")
+    lora = geopeft.adapt(TinyNet(), "lora", targets="all-linear", rank=3, initializer="scaled_pair")
+    bal = geopeft.adapt(TinyNet(), "balora", targets="all-linear", rank=3, initializer="scaled_pair")
+    for (_, p), (_, q) in zip(geopeft.adapters(lora), geopeft.adapters(bal)):
+        assert _rel(q.B.detach() @ q.A.detach(), p.B.detach() @ p.A.detach()) <= 1e-5
+        assert BALANCED().violation((q.B.detach(), q.A.detach())) <= 1e-5
+        assert BALANCED().violation((p.B.detach(), p.A.detach())) > 0.5  # far from balanced
+        ratio = q.B.detach().norm() / q.A.detach().norm()
+        assert abs(float(ratio) - 1) <= 1e-3  # same Frobenius norms (traces of Σ)
