@@ -485,3 +485,22 @@ def test_a_full_rank_init_is_balanced_at_adapt_with_its_product_kept(plugin):
         assert BALANCED().violation((p.B.detach(), p.A.detach())) > 0.5  # far from balanced
         ratio = q.B.detach().norm() / q.A.detach().norm()
         assert abs(float(ratio) - 1) <= 1e-3  # same Frobenius norms (traces of Σ)
+
+
+def test_guard_waits_through_a_rank_one_sgd_step(caplog):
+    """Plain SGD from B = 0 on one sample: B = −lr·s·G Aᵀ has rank 1 < r, so the pair is left
+    alone (balancing would zero r − 1 directions for good); once later steps raise BA to full
+    rank, it is balanced."""
+    model, x, y = _regression()
+    geopeft.adapt(model, "balora", targets=["0"], rank=3)
+    adapter = geopeft.adapters(model)[0][1]
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=1e-2)
+    a0 = adapter.A.detach().clone()
+    with caplog.at_level(logging.DEBUG, logger="geopeft.plugins.balora"):
+        _fit(model, x[:1], y[:1], 1, opt)
+    assert torch.linalg.matrix_rank(adapter.B.detach()) == 1
+    assert torch.equal(adapter.A.detach(), a0)  # g_A = Bᵀ G = 0 at B = 0; not balanced either
+    assert "1 of 1 pairs" in caplog.text
+    _fit(model, x, y, 3, opt)
+    s = torch.linalg.svdvals(adapter.B.detach().double() @ adapter.A.detach().double())
+    assert s[2] / s[0] > 1e-3 and max_violation([adapter]) <= 1e-5
