@@ -117,14 +117,15 @@ class LoRAProTransform(GradientTransform):
                 new_b = new_b + (self.weight_decay / 2) * B
         else:
             new_a, new_b, _ = lorapro_adjust(A, B, ga, gb, s, self.delta)
-        # fallback: an adapter whose adjusted gradients are not finite keeps its plain gradients
+        # fallback: an adapter whose adjusted gradients are not finite in the gradients' dtype
+        # (e.g. beyond float16's range) keeps its plain gradients for this step
+        dtype_a, dtype_b = grads[0]["A"].dtype, grads[0]["B"].dtype
+        new_a, new_b = new_a.to(dtype_a), new_b.to(dtype_b)
         ok = (new_a.isfinite().all((-2, -1)) & new_b.isfinite().all((-2, -1))).reshape(-1, 1, 1)
-        new_a = torch.where(ok, new_a, ga.to(new_a.dtype))
-        new_b = torch.where(ok, new_b, gb.to(new_b.dtype))
-        out = []
-        for i, g in enumerate(grads):
-            out.append({**g, "A": new_a[i].to(g["A"].dtype), "B": new_b[i].to(g["B"].dtype)})
-        return out
+        if not bool(ok.all()):
+            new_a = torch.where(ok, new_a, ga.to(dtype_a))
+            new_b = torch.where(ok, new_b, gb.to(dtype_b))
+        return [{**g, "A": new_a[i], "B": new_b[i]} for i, g in enumerate(grads)]
 
     def _adam_direction(self, gt: Tensor, states: Sequence[dict[str, Tensor]]) -> Tensor:
         """Adam's step direction in full space (G, m, n) for the equivalent gradients gt,
