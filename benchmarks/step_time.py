@@ -1,4 +1,4 @@
-"""Training-step time on CPU: geopeft's LoRA against PEFT's LoRA (the baseline).
+"""Training-step time on CPU: geopeft's LoRA and LoRA-Pro against PEFT's LoRA (the baseline).
 
 What it measures: the wall-clock time of one full training step - forward, a scalar
 loss, backward, optimizer step, zero_grad - of the pretrained all-MiniLM-L6-v2 encoder
@@ -16,7 +16,9 @@ parameters (and, before any training, compute the same loss), the methods take t
 step by step - warm-up rounds first, then timed rounds - so that load from other
 processes hits all of them alike; the order within a round rotates every round.
 Per method it reports the median step time (time.perf_counter) and its ratio to the
-baseline's median (PEFT LoRA; < 1 means faster than PEFT).
+baseline's median (PEFT LoRA; < 1 means faster than PEFT), and also its ratio to
+geopeft's own LoRA (LoRA-Pro's goal: <= 1.10). LoRA-Pro runs in its default
+`efficient` mode with the same AdamW.
 
 Run it from the repository root (several minutes on a 2-core CPU):
 
@@ -103,11 +105,23 @@ def build_geopeft_lora(args: argparse.Namespace) -> Built:
     return Built(model, optimizer, adapted)
 
 
+def build_geopeft_lorapro(args: argparse.Namespace) -> Built:
+    """geopeft's LoRA-Pro, efficient mode (adjusted factor gradients) + torch.optim.AdamW."""
+    model = geopeft.adapt(load_minilm(), method="lorapro", targets=TARGETS,
+                          rank=args.rank, alpha=2 * args.rank, dropout=0.0)
+    optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
+    adapted = [name for name, _ in geopeft.adapters(model)]
+    return Built(model, optimizer, adapted)
+
+
 #: method name -> builder; the baseline (BASELINE) first. Add new methods here.
 METHODS: dict[str, Callable[[argparse.Namespace], Built]] = {
     "peft-lora": build_peft_lora,
     "geopeft-lora": build_geopeft_lora,
+    "geopeft-lorapro": build_geopeft_lorapro,
 }
+#: a second reference: every other method's ratio to it is printed too
+SECOND_BASELINE = "geopeft-lora"
 
 
 # ----------------------------------------------------------------------------- the step
@@ -187,23 +201,36 @@ def summarize(times: dict[str, list[float]], built: dict[str, Built]) -> dict[st
             "ratio_to_baseline": med / base_median,
             "paired_ratio_median": statistics.median(t / b for t, b in zip(ts, base)),
         }
+    if SECOND_BASELINE in times:
+        second = times[SECOND_BASELINE]
+        for name, ts in times.items():
+            out[name]["ratio_to_" + SECOND_BASELINE] = statistics.median(ts) / statistics.median(second)
+            out[name]["paired_ratio_to_" + SECOND_BASELINE] = statistics.median(
+                t / b for t, b in zip(ts, second))
     return out
 
 
 def print_table(results: dict[str, dict]) -> None:
     """The results as a table, one row per method."""
-    header = (f"{'method':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'ratio':>7} "
-              f"{'paired':>7} {'trainable':>11} {'layers':>7}")
+    second = "ratio_to_" + SECOND_BASELINE
+    has_second = all(second in r for r in results.values())
+    header = (f"{'method':<16} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'ratio':>7} "
+              f"{'paired':>7} " + (f"{'vs-lora':>8} {'pvs-lora':>8} " if has_second else "")
+              + f"{'trainable':>11} {'layers':>7}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        print(f"{name:<14} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
-              f"{r['ratio_to_baseline']:7.3f} {r['paired_ratio_median']:7.3f} "
-              f"{r['trainable_params']:11,} {r['adapted_layers']:7d}")
+        extra = (f"{r[second]:8.3f} {r['paired_' + second]:8.3f} " if has_second else "")
+        print(f"{name:<16} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
+              f"{r['ratio_to_baseline']:7.3f} {r['paired_ratio_median']:7.3f} " + extra
+              + f"{r['trainable_params']:11,} {r['adapted_layers']:7d}")
     print(f"ratio  = median step time / the baseline's ({BASELINE}) median step time "
           "(goal for geopeft-lora: <= 1.00)")
     print("paired = median over rounds of (step time / the baseline's step time in the same "
           "round): less sensitive to load that changes from round to round")
+    if has_second:
+        print(f"vs-lora, pvs-lora = the same two ratios against {SECOND_BASELINE} "
+              "(goal for geopeft-lorapro: <= 1.10)")
 
 
 def environment() -> dict[str, object]:
