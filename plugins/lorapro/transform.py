@@ -119,12 +119,18 @@ class LoRAProTransform(GradientTransform):
             new_a, new_b, _ = lorapro_adjust(A, B, ga, gb, s, self.delta)
         # fallback: an adapter whose adjusted gradients are not finite in the gradients' dtype
         # (e.g. beyond float16's range) keeps its plain gradients for this step
+        if len({(g["A"].dtype, g["B"].dtype) for g in grads}) == 1:
+            return self._finite_or_plain(new_a, new_b, ga, gb, grads)
+        return [self._finite_or_plain(new_a[i:i + 1], new_b[i:i + 1], ga[i:i + 1], gb[i:i + 1], [g])[0]
+                for i, g in enumerate(grads)]
+
+    @staticmethod
+    def _finite_or_plain(new_a, new_b, ga, gb, grads):
         dtype_a, dtype_b = grads[0]["A"].dtype, grads[0]["B"].dtype
         new_a, new_b = new_a.to(dtype_a), new_b.to(dtype_b)
-        ok = (new_a.isfinite().all((-2, -1)) & new_b.isfinite().all((-2, -1))).reshape(-1, 1, 1)
-        if not bool(ok.all()):
-            new_a = torch.where(ok, new_a, ga.to(dtype_a))
-            new_b = torch.where(ok, new_b, gb.to(dtype_b))
+        ok = (new_a.isfinite().all(-1).all(-1) & new_b.isfinite().all(-1).all(-1)).reshape(-1, 1, 1)
+        new_a = torch.where(ok, new_a, ga.to(dtype_a))  # no host sync: always a `where`
+        new_b = torch.where(ok, new_b, gb.to(dtype_b))
         return [{**g, "A": new_a[i], "B": new_b[i]} for i, g in enumerate(grads)]
 
     def _adam_direction(self, gt: Tensor, states: Sequence[dict[str, Tensor]]) -> Tensor:
@@ -136,6 +142,9 @@ class LoRAProTransform(GradientTransform):
                 st["exp_avg"] = gt.new_zeros(gt.shape[1:])
                 st["exp_avg_sq"] = gt.new_zeros(gt.shape[1:])
                 st["step"] = torch.zeros((), dtype=torch.float64)
+            for key in ("exp_avg", "exp_avg_sq"):  # e.g. a state loaded onto another device
+                if st[key].device != gt.device or st[key].dtype != gt.dtype:
+                    st[key] = st[key].to(gt.device, gt.dtype)
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
         g = list(gt.unbind(0))
