@@ -2,7 +2,7 @@
 
 For ΔW = s·B·A (B (G, m, r), A (G, r, n), s per adapter) and the factor gradients
 g_A = s·Bᵀg, g_B = s·g·Aᵀ of a full gradient g that is never formed, the adjusted
-gradients (Wang et al., LoRA-Pro, ICLR 2025, Theorem 2.1 and 2.2)
+gradients (Wang et al., LoRA-Pro, ICLR 2025, arXiv 2407.18242)
 
     ĝ_A = (1/s²)·P⁺ g_A + X A
     ĝ_B = (1/s²)·(I − B P⁺ Bᵀ) g_B Q⁺ − B X,        P = BᵀB, Q = AAᵀ (r × r)
@@ -19,7 +19,8 @@ the Sylvester solve use those eigenpairs:
 - P⁺, Q⁺ are *truncated spectral pseudo-inverses*: eigenvalues λ ≤ δ·λ_max (and
   below the dtype's smallest normal number) count as zero. δ is relative, so the
   result does not depend on the factors' magnitude (the official code adds an
-  absolute 1e-8·I, which distorts the step after B = 0, when BᵀB ~ lr²). For a
+  absolute 1e-8·I, not negligible while B is small: right after B = 0 BᵀB is of
+  order m·lr², e.g. 4e-8 for m = 384, lr = 1e-5). For a
   rank-deficient B (or A) B P⁺ Bᵀ is then still the exact orthogonal projector
   onto range(B), so g̃ stays the least-squares optimum; B = 0 gives P⁺ = 0,
   ĝ_A = 0 and ĝ_B = (1/s²) g_B Q⁺ (g̃ = g Π_A).

@@ -75,7 +75,7 @@ class LoRAProTransform(GradientTransform):
     def check_optimizer(self, optimizer: torch.optim.Optimizer, adapters: Sequence[Adapter]) -> None:
         if self.mode != "full":
             return  # efficient mode: any optimizer, any groups
-        factors = {id(p) for a in adapters for n in ("A", "B") for p in (getattr(a, n),)}
+        factors = {id(getattr(a, n)) for a in adapters for n in ("A", "B")}
         for i, group in enumerate(optimizer.param_groups):
             if not any(id(p) in factors for p in group["params"]):
                 continue
