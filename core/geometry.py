@@ -22,7 +22,8 @@ from .interfaces import Adapter, Manifold, factor_names_of
 @dataclass
 class FactorGroup:
     """Same-manifold, same-shape factors. `members[i]` is (adapter, params) with one
-    parameter per factor name in `names` (one for a plain manifold, several if coupled)."""
+    parameter per factor name in `names` (one for a plain manifold, several if coupled;
+    for a plain manifold `names` is the first member's, other members may differ)."""
 
     manifold: Manifold
     names: tuple[str, ...]
@@ -51,8 +52,10 @@ def factor_groups(adapters: Sequence[Adapter]) -> list[FactorGroup]:
         for key, manifold in adapter.factor_manifolds().items():
             names = factor_names_of(key)
             params = tuple(getattr(adapter, n) for n in names)
-            sig = (id(manifold), names, tuple(tuple(p.shape) for p in params),
-                   params[0].dtype, params[0].device)
+            # single factors of one manifold batch together whatever their name (U and V
+            # of a square layer share a group); a coupled tuple only with the same names
+            sig = (id(manifold), names if manifold.coupled else len(names),
+                   tuple(tuple(p.shape) for p in params), params[0].dtype, params[0].device)
             group = groups.setdefault(sig, FactorGroup(manifold, names))
             group.members.append((adapter, params))
     return list(groups.values())

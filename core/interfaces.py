@@ -66,6 +66,12 @@ class Manifold(abc.ABC):
         """Move tangent v at x to the tangent space at y (projection transport)."""
         return self.project_tangent(y, v)
 
+    def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
+        """The point after the base optimizer moved x to `new` (off the manifold): by
+        default retract(x, project_tangent(x, new − x)). Override to change the step
+        (StelLA scales it) or to fuse the two into one faster kernel."""
+        return self.retract(x, self.project_tangent(x, new - x))
+
     @abc.abstractmethod
     def project(self, x: Tensor) -> Tensor:
         """The nearest point of M to x (or a cheap feasible point that fixes x when x ∈ M)."""

@@ -96,7 +96,7 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
         raise ConfigError(f"rank must be a positive int, got {rank!r}")
     if alpha is not None:
         overrides["alpha"] = alpha
-    resolved = resolve(method, overrides)
+    resolved = resolve(method, overrides, context=model_context(model))
     found = find_targets(model, targets, exclude)
     trainable = list(trainable or [])
     _check_trainable(model, trainable)
@@ -120,6 +120,22 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
             project_onto_manifolds([a for _, a in pairs])
     setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable))
     return model
+
+
+#: where models declare their hidden size: HF configs (BERT/LLaMA, T5, GPT-2), timm's ViTs
+_HIDDEN_SIZE_ATTRS = (("config", "hidden_size"), ("config", "d_model"), ("config", "n_embd"),
+                      (None, "embed_dim"))
+
+
+def model_context(model: nn.Module) -> dict[str, Any]:
+    """Facts about `model` that components may take as default options (see
+    `recipes.resolve`): `hidden_size` when the model declares it."""
+    for holder, attr in _HIDDEN_SIZE_ATTRS:
+        obj = getattr(model, holder, None) if holder else model
+        value = getattr(obj, attr, None) if obj is not None else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return {"hidden_size": value}
+    return {}
 
 
 def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:

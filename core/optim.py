@@ -6,8 +6,8 @@ One `step()`:
   2. Riemannian gradient (`egrad_to_rgrad`) for factors on non-Euclidean manifolds,
      when the recipe asks for it (`riemannian_grad`);
   3. the base optimizer's own step (its param groups, schedulers, AMP, clipping unchanged);
-  4. post-step geometry: Δ = x_new − x_old projected to the tangent space at x_old
-     and retracted from x_old — or, for `post_step = "project"` manifolds, projection
+  4. post-step geometry (`Manifold.retract_step`): Δ = x_new − x_old projected to the
+     tangent space at x_old and retracted from x_old — or, for `post_step = "project"` manifolds, projection
      of x_new every `project_every` steps; batched per factor group;
   5. optimizer-state maintenance: first moments transported (`moments="transport"`);
      state resized along with factors when ranks change (`resize`);
@@ -266,10 +266,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
         write_stacked([grads[i] for i in live], group.manifold.egrad_to_rgrad(x, g))
 
     def _retract(self, group: FactorGroup, old: Tensor) -> Tensor:
-        manifold = group.manifold
-        new = group.stacked()
-        step = manifold.project_tangent(old, new - old)
-        point = manifold.retract(old, step)
+        point = group.manifold.retract_step(old, group.stacked())
         group.write(point)
         return point
 

@@ -65,8 +65,12 @@ class Resolved:
 
 
 def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
-            registry: Registry | None = None) -> Resolved:
-    """Expand `method` with `overrides` into components, checking they fit together."""
+            registry: Registry | None = None, context: Mapping[str, Any] | None = None) -> Resolved:
+    """Expand `method` with `overrides` into components, checking they fit together.
+
+    `context` holds facts about the model (e.g. `hidden_size`, see `model.model_context`):
+    each goes, as a default option, to the components whose constructor takes it and
+    nowhere else (no error when no component wants it)."""
     reg = registry or get_registry()
     recipe = method if isinstance(method, Recipe) else reg.get("method", method)
     recipe = replace(recipe, manifolds=dict(recipe.manifolds), transforms=list(recipe.transforms),
@@ -99,7 +103,7 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
     init_named = _named("initializer", parts.get("initializer", recipe.initializer), Initializer, reg)
 
     routed = _route_options(options, adapter_name, adapter_cls, manifold_named, transforms_named,
-                            controller_named, init_named)
+                            controller_named, init_named, context or {})
     # one instance per distinct manifold name, so same-geometry factors batch together
     shared: dict[str, Manifold] = {}
     manifolds: dict[FactorKey, Manifold] = {}
@@ -229,7 +233,7 @@ def _accepted(cls: Any, reserved: set[str] = frozenset()) -> set[str]:
 
 
 def _route_options(options, adapter_name, adapter_cls, manifold_named, transforms_named,
-                   controller_named, init_named) -> dict[tuple[str, str], dict[str, Any]]:
+                   controller_named, init_named, context) -> dict[tuple[str, str], dict[str, Any]]:
     targets: list[tuple[tuple[str, str], set[str]]] = [
         (("adapter", adapter_name), _accepted(adapter_cls, _ADAPTER_RESERVED))]
     targets += [(("manifold", n), _accepted(obj)) for n, obj in manifold_named.values()]
@@ -247,6 +251,10 @@ def _route_options(options, adapter_name, adapter_cls, manifold_named, transform
                               f"this method's components: {listing}")
         for taker in takers:
             routed.setdefault(taker, {})[key] = value
+    for key, value in context.items():  # model facts: defaults, for whoever takes them
+        for taker, accepted in targets:
+            if key in accepted:
+                routed.setdefault(taker, {}).setdefault(key, value)
     return routed
 
 

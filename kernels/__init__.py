@@ -4,6 +4,24 @@ with the Kernels issue and are tested against these references."""
 
 from .batched import assign_, full, resize_along, stack_fp32, write_stacked
 from .lorapro import equivalent_gradient, lorapro_adjust, lorapro_equivalent_gradient
+from .stiefel import (
+    POLAR_METHODS,
+    canonical_rgrad,
+    cayley_retract,
+    gram_violation,
+    inv_sqrt_newton_schulz,
+    polar,
+    polar_retract,
+    polar_retract_step,
+    qr_retract,
+    random_stiefel,
+    sym,
+    tangent_project,
+)
 
-__all__ = ["assign_", "equivalent_gradient", "full", "lorapro_adjust", "lorapro_equivalent_gradient",
-           "resize_along", "stack_fp32", "write_stacked"]
+__all__ = [
+    "POLAR_METHODS", "assign_", "canonical_rgrad", "cayley_retract", "equivalent_gradient", "full",
+    "gram_violation", "inv_sqrt_newton_schulz", "lorapro_adjust", "lorapro_equivalent_gradient", "polar",
+    "polar_retract", "polar_retract_step", "qr_retract", "random_stiefel", "resize_along",
+    "stack_fp32", "sym", "tangent_project", "write_stacked",
+]

@@ -67,7 +67,8 @@ def _make_manifold(name: str) -> type[geopeft.Manifold]:
 
 # --------------------------------------------------------------------------- a three-factor adapter
 class USVAdapter(geopeft.Adapter):
-    """ΔW = s·U·S·Vᵀ with U (m, r), S (r, r), V (n, r): the smallest U S V adapter."""
+    """ΔW = s·U·S·Vᵀ with U (m, r), S (r, r), V (n, r): the smallest U S V adapter
+    (a third-party one, registered as "toy_usv" beside the built-in "usv")."""
 
     factor_names = ("U", "S", "V")
     rank_dims = {"U": (1,), "S": (0, 1), "V": (1,)}
@@ -100,10 +101,10 @@ class NoInit(geopeft.Initializer):
 
 def _usv_plugin() -> types.SimpleNamespace:
     return _namespace(
-        register_adapters=lambda register: register("usv", USVAdapter),
+        register_adapters=lambda register: register("toy_usv", USVAdapter),
         register_initializers=lambda register: register("usv_noop", NoInit),
         register_methods=lambda register: register(
-            "usv", geopeft.Recipe(name="usv", adapter="usv", initializer="usv_noop")),
+            "toy_usv", geopeft.Recipe(name="toy_usv", adapter="toy_usv", initializer="usv_noop")),
     )
 
 
@@ -464,7 +465,7 @@ def test_entry_point_with_a_hook_matching_no_spec_fails_fast(fresh_registry, mon
 # --------------------------------------------------------------------------- incompatible combinations
 def test_usv_adapter_works_on_its_own(plugin, tiny):
     plugin(_usv_plugin(), "usv-plugin")
-    geopeft.adapt(tiny, "usv", targets=["query"], rank=2)
+    geopeft.adapt(tiny, "toy_usv", targets=["query"], rank=2)
     (_, adapter), = geopeft.adapters(tiny)
     assert isinstance(adapter, USVAdapter)
     assert tiny(torch.randint(0, 50, (2, 5))).shape == (2, 3)
@@ -473,10 +474,10 @@ def test_usv_adapter_works_on_its_own(plugin, tiny):
 def test_transform_needing_a_b_refuses_a_usv_adapter(plugin, tiny):
     plugin(_usv_plugin(), "usv-plugin")
     with pytest.raises(geopeft.IncompatibleComponentsError) as info:
-        geopeft.adapt(tiny, "usv", targets=["query"], rank=2, transforms=["scaled_gd"])
+        geopeft.adapt(tiny, "toy_usv", targets=["query"], rank=2, transforms=["scaled_gd"])
     msg = str(info.value)
     assert "'scaled_gd'" in msg
-    assert "'usv'" in msg
+    assert "'toy_usv'" in msg
     assert "A, B" in msg
     assert "U, S, V" in msg
     assert geopeft.adapters(tiny) == []
@@ -485,17 +486,17 @@ def test_transform_needing_a_b_refuses_a_usv_adapter(plugin, tiny):
 def test_initializer_needing_a_b_refuses_a_usv_adapter(plugin, tiny):
     plugin(_usv_plugin(), "usv-plugin")
     with pytest.raises(geopeft.IncompatibleComponentsError) as info:
-        geopeft.adapt(tiny, "usv", targets=["query"], initializer="lora")
+        geopeft.adapt(tiny, "toy_usv", targets=["query"], initializer="lora")
     msg = str(info.value)
-    assert "initializer 'lora'" in msg and "'usv'" in msg and "A, B" in msg and "U, S, V" in msg
+    assert "initializer 'lora'" in msg and "'toy_usv'" in msg and "A, B" in msg and "U, S, V" in msg
 
 
 def test_manifold_for_a_factor_the_adapter_lacks(plugin, tiny):
     plugin(_usv_plugin(), "usv-plugin")
     with pytest.raises(geopeft.IncompatibleComponentsError) as info:
-        geopeft.adapt(tiny, "usv", targets=["query"], manifold={"Z": "oblique"})
+        geopeft.adapt(tiny, "toy_usv", targets=["query"], manifold={"Z": "oblique"})
     msg = str(info.value)
-    assert "'Z'" in msg and "'oblique'" in msg and "'usv'" in msg and "U, S, V" in msg
+    assert "'Z'" in msg and "'oblique'" in msg and "'toy_usv'" in msg and "U, S, V" in msg
 
     with pytest.raises(geopeft.IncompatibleComponentsError) as info:
         geopeft.adapt(tiny, "lora", targets=["query"], manifold={"Z": "oblique"})
