@@ -233,6 +233,11 @@ class GradientTransform(abc.ABC):
         """Same-shape adapters at once. Override to batch; the default loops."""
         return [self.transform(a, g, s) for a, g, s in zip(adapters, grads, states)]
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer, adapters: Sequence[Adapter]) -> None:  # noqa: B027
+        """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
+        `ConfigError` if it cannot carry out this transform's gradients (e.g. a transform
+        that takes its own step needs them applied as is). Default: any optimizer works."""
+
     def options(self) -> dict[str, Any]:
         return {}
 

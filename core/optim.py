@@ -88,6 +88,8 @@ class GeometricOptimizer(torch.optim.Optimizer):
         self._warned_nonfinite = False
         self._check_factors_are_optimized()
         self._no_weight_decay_on_manifolds()
+        for transform in self.transforms:
+            transform.check_optimizer(inner, [a for _, a in self.named_adapters])
         self.transform_states: dict[str, list[dict[str, Tensor]]] = {
             name: [t.init_state(a) for t in self.transforms] for name, a in self.named_adapters}
         self._plan()

@@ -11,6 +11,7 @@ from .balanced import (
     push_through_basis_change,
 )
 from .batched import assign_, full, resize_along, stack_fp32, write_stacked
+from .lorapro import equivalent_gradient, lorapro_adjust, lorapro_equivalent_gradient
 from .stiefel import (
     POLAR_METHODS,
     canonical_rgrad,
@@ -28,8 +29,9 @@ from .stiefel import (
 
 __all__ = [
     "POLAR_METHODS", "Balanced", "assign_", "balance", "balance_violation", "balanced_tangent",
-    "canonical_rgrad", "cayley_retract", "default_rank_rtol", "full", "gram_violation",
-    "inv_sqrt_newton_schulz", "polar", "polar_retract", "polar_retract_step",
-    "push_through_basis_change", "qr_retract", "random_stiefel", "resize_along",
+    "canonical_rgrad", "cayley_retract", "default_rank_rtol", "equivalent_gradient", "full",
+    "gram_violation", "inv_sqrt_newton_schulz", "lorapro_adjust", "lorapro_equivalent_gradient", "polar",
+    "polar_retract", "polar_retract_step", "push_through_basis_change", "qr_retract", "random_stiefel",
+    "resize_along",
     "stack_fp32", "sym", "tangent_project", "write_stacked",
 ]

@@ -194,7 +194,7 @@ def test_unknown_name_far_from_everything_has_no_suggestion(tiny):
     msg = str(info.value)
     assert "unknown gradient transform 'zzzzzz'" in msg
     assert "did you mean" not in msg
-    assert "available: scaled_gd" in msg
+    assert "scaled_gd" in msg.split("available: ", 1)[1]  # other plugins may add transforms
 
 
 # --------------------------------------------------------------------------- hand registration
