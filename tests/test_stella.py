@@ -231,7 +231,7 @@ def train(model: nn.Module, steps: int = 5, lr: float = 1e-2) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -345,7 +345,7 @@ def test_minilm_500_adamw_steps_keep_u_and_v_orthonormal(minilm_path, minilm_bat
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     adapters = [a for _, a in geopeft.adapters(model)]
     assert all(a.U.dtype == dtype for a in adapters)
     assert max_violation(adapters) <= bound
