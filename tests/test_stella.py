@@ -303,7 +303,7 @@ def test_orthonormal_init_subtracts_nothing(tiny):
     a = dict(geopeft.adapters(tiny))["query"]
     assert torch.equal(tiny.query.base_layer.weight, weight)
     assert torch.equal(a.S, torch.eye(4)) and max_violation([a]) <= 1e-5
-    assert float(a.delta_weight().norm()) > 0.1  # ΔW = s·U·Vᵀ ≠ 0 from the start, as in the paper
+    assert float(a.delta_weight().detach().norm()) > 0.1  # ΔW = s·U·Vᵀ ≠ 0 from the start, as in the paper
 
 
 # --------------------------------------------------------------------------- MiniLM, real weights
