@@ -7,6 +7,7 @@ import json
 import sys
 
 from .errors import GeopeftError
+from .recipes import manifold_spec
 from .registry import get_registry
 
 
@@ -25,9 +26,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name in reg.names("method"):
         r = reg.get("method", name)
         adapter_cls = reg.get("adapter", r.adapter)
-        manifolds = {**adapter_cls.default_manifolds, **r.manifolds}
+        manifolds = manifold_spec(adapter_cls, r.manifolds, None)  # as adapt() resolves them
         parts = [f"adapter={r.adapter}",
-                 "manifolds=" + ",".join(f"{k}:{v}" for k, v in manifolds.items()),
+                 "manifolds=" + ",".join(f"({k}):{v}" if "," in k else f"{k}:{v}"
+                                         for k, v in manifolds.items()),
                  f"transforms={','.join(r.transforms) or '-'}",
                  f"rank_controller={r.rank_controller}", f"initializer={r.initializer}"]
         if r.options:

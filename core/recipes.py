@@ -93,9 +93,9 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
 
     adapter_name, adapter_cls = _adapter(parts.get("adapter", recipe.adapter), reg)
     recipe.adapter = adapter_name
-    manifold_spec = _manifold_spec(adapter_cls, recipe.manifolds, parts.get("manifolds"))
+    spec = manifold_spec(adapter_cls, recipe.manifolds, parts.get("manifolds"))
     # names and classes of the other parts first, so options can be routed
-    manifold_named = {key: _named("manifold", v, Manifold, reg) for key, v in manifold_spec.items()}
+    manifold_named = {key: _named("manifold", v, Manifold, reg) for key, v in spec.items()}
     transforms_named = [_named("gradient_transform", v, GradientTransform, reg)
                         for v in _as_list(parts.get("transforms", recipe.transforms))]
     controller_named = _named("rank_controller", parts.get("rank_controller", recipe.rank_controller),
@@ -175,8 +175,10 @@ def _adapter(value: Any, reg: Registry) -> tuple[str, type[Adapter]]:
     raise ConfigError(f"adapter must be a registered name or an Adapter subclass, got {value!r}")
 
 
-def _manifold_spec(adapter_cls: type[Adapter], recipe_manifolds: Mapping[str, Any],
-                   override: Any) -> dict[FactorKey, Any]:
+def manifold_spec(adapter_cls: type[Adapter], recipe_manifolds: Mapping[str, Any],
+                  override: Any) -> dict[FactorKey, Any]:
+    """Which manifold (name or instance) each factor key gets: the adapter's defaults, the
+    recipe's entries, then the user's `manifold=` override."""
     spec: dict[FactorKey, Any] = dict(adapter_cls.default_manifolds)
     _merge_manifolds(spec, recipe_manifolds)  # a recipe's "B,A" replaces the adapter's "A", "B"
     if override is None:

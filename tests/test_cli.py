@@ -67,6 +67,7 @@ def _check_methods_output(out: str) -> dict[str, str]:
         assert "rank_controller=fixed" in line
         assert "initializer=lora" in line
     assert "options=rslora=True" in rslora
+    assert "manifolds=(B,A):balanced " in by_name["balora"]  # the coupled key replaces A and B
     assert "options=" not in lora
     assert "# LoRA" in lora  # the description
     return by_name
