@@ -8,7 +8,7 @@ the optimizer's new values X + Δ, project Δ onto the tangent space at X and re
     192 factors of 4096 × 32   (e.g. U and V of the q/k/v/o/up/down projections of a 8B model at r=32)
      64 factors of 14336 × 32  (e.g. the MLP factors of a LLaMA-3-8B, r=32)
 
-Six ways, all in float32 on the CPU:
+Six ways, all in float32 (on the CPU unless `--device cuda`):
     loop-svd      a per-layer loop: Δ projected, polar factor of x + Δ by SVD (what a
                   per-parameter Riemannian optimizer does; the baseline)
     batched-svd   the same in one batched call (the official StelLA code's trick)
@@ -64,10 +64,17 @@ WAYS = {f"{how}-{algo}": (looped if how == "loop" else batched)(algo)
 BASELINE = "loop-svd"
 
 
-def run_case(count: int, n: int, p: int, repeats: int, seed: int = 0) -> dict[str, list[float]]:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(count: int, n: int, p: int, repeats: int, device: str = "cpu",
+             seed: int = 0) -> dict[str, list[float]]:
     gen = torch.Generator().manual_seed(seed)
     x = random_stiefel((count, n, p), generator=gen)
     new = x + 1e-3 * torch.randn(x.shape, generator=gen)  # an optimizer step's size
+    x, new = x.to(device), new.to(device)
     reference = WAYS[BASELINE](x, new)
     times: dict[str, list[float]] = {w: [] for w in WAYS}
     for way, fn in WAYS.items():  # warm-up and agreement check
@@ -76,8 +83,10 @@ def run_case(count: int, n: int, p: int, repeats: int, seed: int = 0) -> dict[st
     for r in range(repeats):
         order = list(WAYS) if r % 2 == 0 else list(reversed(WAYS))
         for way in order:
+            sync(device)
             start = time.perf_counter()
             WAYS[way](x, new)
+            sync(device)
             times[way].append(time.perf_counter() - start)
     return times
 
@@ -87,16 +96,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--json", default=None, help="write the raw times here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {args.device}")
     results = {}
     for name in args.cases:
         count, n, p = CASES[name]
-        times = run_case(count, n, p, args.repeats)
+        times = run_case(count, n, p, args.repeats, args.device)
         results[name] = times
         base = statistics.median(times[BASELINE])
         print(f"\n{name}: {count} factors of {n} x {p}, median of {args.repeats}")
