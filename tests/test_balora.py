@@ -504,3 +504,35 @@ def test_guard_waits_through_a_rank_one_sgd_step(caplog):
     _fit(model, x, y, 3, opt)
     s = torch.linalg.svdvals(adapter.B.detach().double() @ adapter.A.detach().double())
     assert s[2] / s[0] > 1e-3 and max_violation([adapter]) <= 1e-5
+
+
+def test_combines_with_lorapro(monkeypatch):
+    """balora + the lorapro transform: LoRA-Pro adjusts the gradients before every step,
+    the pairs are balanced after it; training reaches full-rank balanced products."""
+    transform_cls = geopeft.registry.get_registry().get("gradient_transform", "lorapro")
+    calls = []
+    real = transform_cls.transform_group
+    monkeypatch.setattr(transform_cls, "transform_group",
+                        lambda self, *args: calls.append(1) or real(self, *args))
+    torch.manual_seed(0)
+    model = geopeft.adapt(TinyNet(), "balora", targets=["query", "value", "ffn.0", "ffn.2"], rank=3,
+                          alpha=12, transforms=["lorapro"])
+    recipe = model.geopeft_state.resolved.recipe
+    assert recipe.transforms == ["lorapro"] and recipe.manifolds == {"B,A": "balanced"}
+    opt = geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2)
+    ids = torch.randint(0, 50, (8, 6), generator=torch.Generator().manual_seed(0))
+    target = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(10):
+        loss = (model(ids) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert len(calls) >= 10  # every step (one call per shape group)
+    assert losses[-1] < losses[0]
+    adapters = [a for _, a in geopeft.adapters(model)]
+    assert max_violation(adapters) <= 1e-5
+    for a in adapters:
+        s = torch.linalg.svdvals(a.B.detach().double() @ a.A.detach().double())
+        assert s[a.rank - 1] / s[0] > 1e-3
