@@ -102,51 +102,34 @@ def build_peft_lora(args: argparse.Namespace) -> Built:
     return Built(model, optimizer, adapted)
 
 
-def build_geopeft_lora(args: argparse.Namespace) -> Built:
-    """geopeft's LoRA (geopeft.adapt) + geopeft.optimizer over torch.optim.AdamW."""
-    model = geopeft.adapt(load_minilm(), method="lora", targets=TARGETS,
-                          rank=args.rank, alpha=2 * args.rank, dropout=0.0)
-    optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
-    adapted = [name for name, _ in geopeft.adapters(model)]
-    return Built(model, optimizer, adapted)
+def build_geopeft(method: str) -> Callable[[argparse.Namespace], Built]:
+    """A builder for geopeft's `method` on the same targets, rank and alpha as PEFT's LoRA
+    (dropout 0), with geopeft.optimizer over torch.optim.AdamW. StelLA: U·S·Vᵀ on the
+    Stiefel manifold, √(d/n) step scaling with d = 384 from the config; LoRA-Pro: the
+    efficient mode; BaLoRA: every pair balanced after every AdamW step."""
 
+    def build(args: argparse.Namespace) -> Built:
+        model = geopeft.adapt(load_minilm(), method=method, targets=TARGETS,
+                              rank=args.rank, alpha=2 * args.rank, dropout=0.0)
+        optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
+        adapters = geopeft.adapters(model)
+        extra = sum(sum(p.numel() for p in a.factors().values()) - (a.shape[0] + a.shape[1]) * a.rank
+                    for _, a in adapters)
+        with torch.no_grad():
+            zero_init = all(not a.delta_weight().any() for _, a in adapters)
+        return Built(model, optimizer, [name for name, _ in adapters], extra, zero_init)
 
-def build_geopeft_stella(args: argparse.Namespace) -> Built:
-    """geopeft's StelLA (U·S·Vᵀ on the Stiefel manifold, canonical-metric gradient, polar
-    retraction, steps scaled by √(d/n) with d = 384) + geopeft.optimizer over AdamW."""
-    model = geopeft.adapt(load_minilm(), method="stella", targets=TARGETS,
-                          rank=args.rank, alpha=2 * args.rank, dropout=0.0)
-    optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
-    adapted = [name for name, _ in geopeft.adapters(model)]
-    return Built(model, optimizer, adapted, extra_params=len(adapted) * args.rank ** 2, zero_init=False)
-
-
-def build_geopeft_lorapro(args: argparse.Namespace) -> Built:
-    """geopeft's LoRA-Pro, efficient mode (adjusted factor gradients) + torch.optim.AdamW."""
-    model = geopeft.adapt(load_minilm(), method="lorapro", targets=TARGETS,
-                          rank=args.rank, alpha=2 * args.rank, dropout=0.0)
-    optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
-    adapted = [name for name, _ in geopeft.adapters(model)]
-    return Built(model, optimizer, adapted)
-
-
-def build_geopeft_balora(args: argparse.Namespace) -> Built:
-    """geopeft's BaLoRA (LoRA + every pair balanced, BᵀB = AAᵀ with BA unchanged, after
-    every AdamW step) + geopeft.optimizer over AdamW; same targets, rank, alpha as LoRA."""
-    model = geopeft.adapt(load_minilm(), method="balora", targets=TARGETS,
-                          rank=args.rank, alpha=2 * args.rank, dropout=0.0)
-    optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
-    adapted = [name for name, _ in geopeft.adapters(model)]
-    return Built(model, optimizer, adapted)
+    build.__doc__ = f"geopeft's {method} + geopeft.optimizer over torch.optim.AdamW."
+    return build
 
 
 #: method name -> builder; the baseline (BASELINE) first. Add new methods here.
 METHODS: dict[str, Callable[[argparse.Namespace], Built]] = {
     "peft-lora": build_peft_lora,
-    "geopeft-lora": build_geopeft_lora,
-    "geopeft-stella": build_geopeft_stella,
-    "geopeft-lorapro": build_geopeft_lorapro,
-    "geopeft-balora": build_geopeft_balora,
+    "geopeft-lora": build_geopeft("lora"),
+    "geopeft-stella": build_geopeft("stella"),
+    "geopeft-lorapro": build_geopeft("lorapro"),
+    "geopeft-balora": build_geopeft("balora"),
 }
 #: a second reference: each method's step time is also given relative to this one
 LORA = "geopeft-lora"
@@ -193,7 +176,7 @@ def check_same_setup(built: dict[str, Built], batch: dict[str, Tensor]) -> None:
             f"{sorted(set(b.adapted) ^ set(base.adapted))}")
         assert b.trainable == base.trainable + b.extra_params, (
             f"{name} trains {b.trainable:,} parameters, {BASELINE} {base.trainable:,} "
-            f"(+{b.extra_params:,} declared extra)")
+            f"(+{b.extra_params:,} beyond LoRA's (m + n)·r per layer)")
         b.model.eval()
         with torch.no_grad():
             losses[name] = loss_of(b.model, batch).item()
