@@ -29,14 +29,11 @@ Run it from the repository root (about a minute on a 2-core CPU):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import time
 
 import torch
+from report import environment, write_report
 from torch import nn
 
 import geopeft
@@ -158,15 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
               f"{'-' if ratio is None else format(ratio, '.2f'):>12}")
     report = {"benchmark": "convergence", "config": {k: getattr(args, k) for k in
                                                      ("scales", "lrs", "target", "max_steps", "seed")},
-              "environment": {"torch": torch.__version__, "geopeft": geopeft.__version__,
-                              "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                              "torch_threads": torch.get_num_threads(),
-                              "date": datetime.date.today().isoformat()},
-              "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"results written to {args.json}")
+              "environment": environment(), "results": results}
+    write_report(report, args.json)
     return report
 
 

@@ -31,11 +31,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
+from report import environment, write_report  # noqa: E402
 from step_time import EXPECTED_LAYERS, LR, TARGETS, load_minilm, loss_of, make_batch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -134,11 +134,10 @@ def main(argv=None) -> dict:
               f"{r['trainable_params']:11,}")
     print("state = tensors in the optimizer's state + geopeft transform state (LoRA-Pro full mode's "
           "m x n moments); bytes are exact")
-    report = {"benchmark": "memory", "baseline": BASELINE, "config": vars(args), "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"results written to {args.json}")
+    report = {"benchmark": "memory", "baseline": BASELINE, "config": vars(args),
+              "environment": environment(),
+              "results": results}
+    write_report(report, args.json)
     return report
 
 

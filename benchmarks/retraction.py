@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from report import environment, write_report
 from torch import Tensor
 
 from geopeft.kernels import polar, polar_retract_step, random_stiefel, tangent_project
@@ -117,9 +117,8 @@ def main() -> None:
         for algo in ALGORITHMS:
             ratio = statistics.median(times[f"loop-{algo}"]) / statistics.median(times[f"batched-{algo}"])
             print(f"batched vs loop, same algorithm ({algo}): {ratio:.2f}x")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"cases": {k: CASES[k] for k in results}, "times": results}, fh, indent=1)
+    write_report({"benchmark": "retraction", "device": args.device, "environment": environment(),
+                  "cases": {k: CASES[k] for k in results}, "times": results}, args.json)
 
 
 if __name__ == "__main__":

