@@ -74,8 +74,11 @@ def _eig(gram: Tensor, delta: float) -> _Eig:
     return _Eig(vals, vecs, inv)
 
 
-def _grams(A: Tensor, B: Tensor, delta: float) -> tuple[_Eig, _Eig]:
-    """Eigen-data of P = BᵀB and Q = AAᵀ from one batched eigh over (2G, r, r)."""
+def gram_eigs(A: Tensor, B: Tensor, delta: float = DEFAULT_DELTA) -> tuple[_Eig, _Eig]:
+    """Eigen-data of P = BᵀB and Q = AAᵀ from one batched eigh over (2G, r, r), in the
+    compute dtype; pass it as `eigs=` to both functions below to decompose only once."""
+    dtype = compute_dtype(A.dtype)
+    A, B = A.to(dtype), B.to(dtype)
     g = A.shape[0]
     both = _eig(torch.cat([B.mT @ B, A @ A.mT]), delta)
     return (_Eig(both.vals[:g], both.vecs[:g], both.inv[:g]),
@@ -96,14 +99,14 @@ def sylvester_eig(p: _Eig, q: _Eig, c: Tensor) -> Tensor:
 
 
 def lorapro_adjust(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling: Tensor | float,
-                   delta: float = DEFAULT_DELTA) -> Adjusted:
+                   delta: float = DEFAULT_DELTA, eigs: tuple[_Eig, _Eig] | None = None) -> Adjusted:
     """LoRA-Pro's adjusted gradients for stacked factors A (G, r, n), B (G, m, r) and their
     gradients; `scaling` is a float or a (G,) tensor. Inputs are upcast to float32 (float64
     kept); the result is in that compute dtype."""
     dtype = compute_dtype(A.dtype)
     A, B, ga, gb = (t.to(dtype) for t in (A, B, grad_A, grad_B))
     c = 1.0 / _scales(scaling, A)  # 1/s, applied twice so that huge or tiny s cannot overflow
-    p, q = _grams(A, B, delta)
+    p, q = eigs or gram_eigs(A, B, delta)
     p_inv, q_inv = p.pinv(), q.pinv()
     a = (p_inv @ (ga * c)) * c                     # (1/s²) P⁺ g_A            (G, r, n)
     h = ((gb * c) @ q_inv) * c                     # (1/s²) g_B Q⁺            (G, m, r)
@@ -121,13 +124,14 @@ def equivalent_gradient(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,
 
 
 def lorapro_equivalent_gradient(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,
-                                scaling: Tensor | float, delta: float = DEFAULT_DELTA) -> Tensor:
+                                scaling: Tensor | float, delta: float = DEFAULT_DELTA,
+                                eigs: tuple[_Eig, _Eig] | None = None) -> Tensor:
     """LoRA-Pro's g̃ = Π_B g + (I − Π_B) g Π_A (G, m, n) from the factor gradients alone
     (X drops out), in the compute dtype; used by the full mode."""
     dtype = compute_dtype(A.dtype)
     A, B, ga, gb = (t.to(dtype) for t in (A, B, grad_A, grad_B))
     c = 1.0 / _scales(scaling, A)
-    p, q = _grams(A, B, delta)
+    p, q = eigs or gram_eigs(A, B, delta)
     p_inv = p.pinv()
     h = (gb * c) @ q.pinv()                        # (1/s) g_B Q⁺
     h = h - B @ (p_inv @ (B.mT @ h))

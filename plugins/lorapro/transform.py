@@ -22,7 +22,7 @@ from torch import Tensor
 
 from geopeft import Adapter, ConfigError, GradientTransform
 from geopeft.kernels import full, lorapro_adjust, lorapro_equivalent_gradient, stack_fp32
-from geopeft.kernels.lorapro import DEFAULT_DELTA
+from geopeft.kernels.lorapro import DEFAULT_DELTA, gram_eigs
 
 MODES = ("efficient", "full")
 
@@ -107,9 +107,10 @@ class LoRAProTransform(GradientTransform):
         gb = stack_fp32([g["B"] for g in grads])
         s = torch.tensor([a.scaling for a in adapters], dtype=A.dtype, device=A.device)
         if self.mode == "full":
-            d = self._adam_direction(lorapro_equivalent_gradient(A, B, ga, gb, s, self.delta), states)
+            eigs = gram_eigs(A, B, self.delta)  # B and A do not change in between: decompose once
+            d = self._adam_direction(lorapro_equivalent_gradient(A, B, ga, gb, s, eigs=eigs), states)
             sv = s.reshape(-1, 1, 1)
-            new_a, new_b, _ = lorapro_adjust(A, B, sv * (B.mT @ d), sv * (d @ A.mT), s, self.delta)
+            new_a, new_b, _ = lorapro_adjust(A, B, sv * (B.mT @ d), sv * (d @ A.mT), s, eigs=eigs)
             if self.weight_decay:
                 # decoupled decay of s·B·A by (1 − lr·wd) to first order in lr; the frozen base
                 # weight is never decayed
