@@ -45,14 +45,20 @@ def with_weight(layer: nn.Module, delta: torch.Tensor) -> nn.Module:
     return out
 
 
+def usv_with_random_s(layer: nn.Module, diag_s: bool) -> geopeft.Adapter:
+    """A rank-3 usv adapter whose S is random (not the identity it starts from)."""
+    adapter = usv(layer, rank=3, alpha=5.0, diag_s=diag_s)
+    with torch.no_grad():
+        adapter.S.copy_(torch.randn_like(adapter.S))
+    return adapter
+
+
 # --------------------------------------------------------------------------- the adapter
 @pytest.mark.parametrize("diag_s", [False, True])
 @pytest.mark.parametrize("kind", list(layers()))
 def test_forward_equals_the_layer_with_delta_w_added(kind, diag_s):
     layer, x = layers()[kind]
-    adapter = usv(layer, rank=3, alpha=5.0, diag_s=diag_s)
-    with torch.no_grad():
-        adapter.S.copy_(torch.randn_like(adapter.S))
+    adapter = usv_with_random_s(layer, diag_s)
     expected = with_weight(layer, adapter.delta_weight())(x)
     assert torch.allclose(adapter(x, layer(x)), expected, atol=1e-5)
 
@@ -61,9 +67,7 @@ def test_forward_equals_the_layer_with_delta_w_added(kind, diag_s):
 @pytest.mark.parametrize("kind", list(layers()))
 def test_to_lora_is_exact(kind, diag_s):
     layer, _ = layers()[kind]
-    adapter = usv(layer, rank=3, alpha=5.0, diag_s=diag_s)
-    with torch.no_grad():
-        adapter.S.copy_(torch.randn_like(adapter.S))
+    adapter = usv_with_random_s(layer, diag_s)
     b, a = adapter.to_lora()
     m, n = adapter.shape
     assert b.shape == (m, 3) and a.shape == (3, n)
