@@ -76,6 +76,14 @@ def minilm_path() -> Path:
     return MINILM_PATH
 
 
+@pytest.fixture(scope="session")
+def minilm(minilm_path):
+    """(tokenizer, model) of the real MiniLM; shared: adapt a `copy.deepcopy` of the model."""
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path), AutoModel.from_pretrained(minilm_path)
+
+
 @pytest.fixture
 def unregistered_after() -> Iterator[list[tuple[str, str]]]:
     """A list of (kind, name) that must no longer be registered once the test's other

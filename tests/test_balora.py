@@ -409,12 +409,10 @@ def test_combines_with_a_gradient_transform_and_other_layer_kinds():
         assert s[a.rank - 1] / s[0] > 1e-3  # rank r: no direction died
 
 
-def test_minilm_balora_trains_saves_and_loads(minilm_path, tmp_path):
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    base = AutoModel.from_pretrained(minilm_path)
-    fresh = copy.deepcopy(base)
+def test_minilm_balora_trains_saves_and_loads(minilm, tmp_path):
+    tok, pretrained = minilm
+    base = copy.deepcopy(pretrained)
+    fresh = copy.deepcopy(pretrained)
     model = geopeft.adapt(base, "balora", targets=["query", "value"], rank=4, alpha=64)
     batch = tok(["balanced low-rank adapters", "a second sentence"], return_tensors="pt", padding=True)
     target = torch.randn(2, 384, generator=torch.Generator().manual_seed(0))

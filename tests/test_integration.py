@@ -22,15 +22,6 @@ TRAIN = HERE / "distributed" / "train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def minilm(minilm_path):
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    model = AutoModel.from_pretrained(minilm_path)
-    return tok, model
-
-
 def test_minilm_lora_trains_saves_loads_and_merges(minilm, tmp_path):
     tok, base = minilm
     fresh = copy.deepcopy(base)

@@ -410,13 +410,11 @@ def test_check_optimizer_hook_runs_when_wrapping(tiny, plugin):
 
 # ----------------------------------------------------------------------------- real model
 @pytest.mark.slow
-def test_minilm_equivalent_gradient_is_closer_to_the_full_gradient(minilm_path):
+def test_minilm_equivalent_gradient_is_closer_to_the_full_gradient(minilm):
     """Real gradients of MiniLM layers: the cosine between the equivalent gradient and the
     true full gradient (the base weight's own gradient) is at least LoRA's at every step."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    model = AutoModel.from_pretrained(minilm_path)
+    tok, pretrained = minilm
+    model = copy.deepcopy(pretrained)
     geopeft.adapt(model, "lorapro", targets=r"encoder\.layer\.[01]\..*(query|value|intermediate\.dense)",
                   rank=8, alpha=16)
     named = geopeft.adapters(model)
