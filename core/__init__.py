@@ -19,7 +19,15 @@ from .errors import (
     UnknownComponentError,
 )
 from .hookspecs import hookimpl
-from .interfaces import Adapter, GradientTransform, Initializer, Manifold, RankController, Recipe
+from .interfaces import (
+    Adapter,
+    GradientTransform,
+    Initializer,
+    Manifold,
+    RankChange,
+    RankController,
+    Recipe,
+)
 
 __version__ = "0.1.0"
 
@@ -41,6 +49,6 @@ from .serialization import load, save  # noqa: E402
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
-    "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError", "adapt",
+    "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError", "adapt",
     "adapters", "components", "disable_adapters", "export_peft", "hookimpl", "load", "merge", "optimizer", "save", "unmerge",
 ]
