@@ -58,6 +58,7 @@ def unregister(kind: str, name: str) -> None:
 
 
 # imported after the interfaces: these modules use them
+from .calibration import LayerStats, calibrate  # noqa: E402
 from .export import export_peft  # noqa: E402
 from .model import adapt, adapters, disable_adapters, merge, unmerge  # noqa: E402
 from .optim import GeometricOptimizer, optimizer  # noqa: E402
@@ -66,7 +67,7 @@ from .serialization import load, save  # noqa: E402
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
-    "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError", "adapt",
-    "adapters", "components", "disable_adapters", "export_peft", "hookimpl", "load", "merge", "optimizer",
-    "register", "save", "unmerge", "unregister",
+    "LayerStats", "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError",
+    "adapt", "adapters", "calibrate", "components", "disable_adapters", "export_peft", "hookimpl", "load",
+    "merge", "optimizer", "register", "save", "unmerge", "unregister",
 ]
