@@ -15,7 +15,7 @@ from torch import nn
 import geopeft
 from geopeft.geometry import max_violation
 
-from helpers import TinyNet
+from helpers import TinyNet, mse, tiny_batch, train
 
 OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),
@@ -25,16 +25,8 @@ OPTIMIZERS = {
 }
 
 
-def _batch(seed: int, n: int = 8) -> torch.Tensor:
-    return torch.randint(0, 50, (n, 6), generator=torch.Generator().manual_seed(seed))
-
-
 def _train(model, opt, steps: int, start: int = 0) -> None:
-    for i in range(start, start + steps):
-        loss = model(_batch(i)).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, opt, lambda m, i: m(tiny_batch(i)).pow(2).mean(), steps, start)
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -52,13 +44,7 @@ def test_low_rank_regression_loss_drops_tenfold():
     opt = geopeft.optimizer(model, torch.optim.AdamW, lr=2e-2, weight_decay=0.0)
     x = torch.randn(256, 32)
     y = target(x).detach()
-    losses = []
-    for _ in range(300):
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, opt, mse(x, y), 300)
     assert losses[-1] <= losses[0] / 10, (losses[0], losses[-1])
 
 
@@ -91,7 +77,7 @@ def test_is_a_torch_optimizer_with_schedulers_and_grad_scaler(tiny):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu")
     for i in range(4):
-        loss = tiny(_batch(i)).pow(2).mean()
+        loss = tiny(tiny_batch(i)).pow(2).mean()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -140,7 +126,7 @@ def test_one_step_equals_hand_written_riemannian_sgd(tiny):
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=lr)
     x_old = tiny.query.adapter.A.detach().clone()
     b_old = tiny.query.adapter.B.detach().clone()
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     g = tiny.query.adapter.A.grad.clone()
     gb = tiny.query.adapter.B.grad.clone()
     opt.step()
@@ -160,7 +146,7 @@ def test_riemannian_grad_can_be_turned_off(tiny):
     geopeft.adapt(tiny, "lora", targets=["query"], rank=4, manifold={"A": "oblique"},
                   riemannian_grad=False)
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.1)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     g = tiny.query.adapter.A.grad.clone()
     opt.step()
     assert torch.equal(tiny.query.adapter.A.grad, g)
@@ -180,7 +166,7 @@ def test_first_moments_transported_to_new_tangent_space(tiny):
 def test_moments_kept_by_default(tiny):
     geopeft.adapt(tiny, "lora", targets=["query"], rank=4, manifold={"A": "oblique"})
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.1, momentum=0.9)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     opt.step()
     a = tiny.query.adapter.A
     # momentum after one step is the (tangent-at-old-point) gradient, not re-projected
@@ -194,7 +180,7 @@ def test_external_transform_rewrites_gradients(tiny):
         for _, a in geopeft.adapters(tiny):
             a.B.normal_()
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.0)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     raw = {n: (a.A.grad.clone(), a.B.grad.clone()) for n, a in geopeft.adapters(tiny)}
     opt.step()
     for n, a in geopeft.adapters(tiny):
@@ -311,7 +297,7 @@ def test_step_hooks_and_closure(tiny):
 
     def closure():
         opt.zero_grad()
-        loss = tiny(_batch(0)).pow(2).mean()
+        loss = tiny(tiny_batch(0)).pow(2).mean()
         loss.backward()
         return loss
 
@@ -335,7 +321,7 @@ def test_resize_checks_keep_and_ranks_must_name_targets(tiny):
 def test_factor_without_gradient_stays_put_while_its_group_steps(tiny):
     geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4, manifold={"A": "oblique"})
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.3)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     query, value = tiny.query.adapter, tiny.value.adapter
     value.A.grad = None  # same shape and manifold as query.A: one group, one member idle
     q_old, v_old = query.A.detach().clone(), value.A.detach().clone()
