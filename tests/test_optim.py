@@ -1,4 +1,4 @@
-"""The six-stage step: behaves as a torch optimizer; geometry stages keep factors on
+"""The staged step: behaves as a torch optimizer; geometry stages keep factors on
 their manifolds (tested with the external plugin's `oblique` manifold)."""
 
 from __future__ import annotations
@@ -367,7 +367,7 @@ def test_coupled_manifold_with_retract_step_keeps_pairs_on_it_and_moments_tangen
                   moments="transport")
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.2, momentum=0.9)
     before = {n: (a.B.detach().clone(), a.A.detach().clone()) for n, a in geopeft.adapters(tiny)}
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     olds = [(a.B.detach().clone(), a.A.detach().clone()) for _, a in geopeft.adapters(tiny)]
     opt.step()
     # stage 2 made the pair's gradient tangent at the old point: <x, g> over both factors is 0
