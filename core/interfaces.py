@@ -295,6 +295,9 @@ class Recipe:
     `manifolds` maps factor names (or tuples for coupled manifolds) to manifold
     names and overrides the adapter's `default_manifolds`. `options` are keyword
     defaults handed to whichever components accept them (e.g. `rslora`, `dropout`).
+    `lr` is the learning rate the method recommends (from its paper or from a sweep
+    recorded in docs/benchmarks.md); the `train` / `compare` jobs use it unless the
+    config sets one. It is advice for the optimizer, not part of the adapted model.
     """
 
     name: str
@@ -308,6 +311,7 @@ class Recipe:
     moments: str = "keep"
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    lr: float | None = None
 
     MOMENTS: ClassVar[tuple[str, ...]] = ("keep", "transport")
 

@@ -87,6 +87,9 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
             setattr(recipe, key, value)
         elif key in ("name", "description", "options"):
             raise ConfigError(f"{key!r} cannot be overridden")
+        elif key == "lr":
+            raise ConfigError("lr is the optimizer's: pass it to geopeft.optimizer(model, ..., lr=...), "
+                              "not to adapt")
         else:
             options[key] = value
     _check_recipe_values(recipe)
