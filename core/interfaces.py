@@ -49,6 +49,7 @@ class Manifold(abc.ABC):
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
     post_step: ClassVar[str] = "retract"
+    POST_STEPS: ClassVar[tuple[str, ...]] = ("retract", "project")
     #: True when M is a cone (c·x ∈ M for x ∈ M, c > 0): weight decay keeps factors on M,
     #: so the optimizer leaves their weight decay as the param groups say.
     scale_invariant: ClassVar[bool] = False
@@ -71,8 +72,11 @@ class Manifold(abc.ABC):
 
     def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
         """The point after the base optimizer moved x to `new` (off the manifold): by
-        default retract(x, project_tangent(x, new − x)). Override to change the step
-        (StelLA scales it) or to fuse the two into one faster kernel."""
+        default retract(x, project_tangent(x, new − x)), factor by factor for a coupled
+        manifold's tuples. Override to change the step (StelLA scales it) or to fuse the
+        two into one faster kernel."""
+        if self.coupled:
+            return self.retract(x, self.project_tangent(x, tuple(n - o for n, o in zip(new, x))))
         return self.retract(x, self.project_tangent(x, new - x))
 
     @abc.abstractmethod
@@ -291,6 +295,9 @@ class Recipe:
     `manifolds` maps factor names (or tuples for coupled manifolds) to manifold
     names and overrides the adapter's `default_manifolds`. `options` are keyword
     defaults handed to whichever components accept them (e.g. `rslora`, `dropout`).
+    `lr` is the learning rate the method recommends (from its paper or from a sweep
+    recorded in docs/benchmarks.md); the `train` / `compare` jobs use it unless the
+    config sets one. It is advice for the optimizer, not part of the adapted model.
     """
 
     name: str
@@ -304,6 +311,7 @@ class Recipe:
     moments: str = "keep"
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    lr: float | None = None
 
     MOMENTS: ClassVar[tuple[str, ...]] = ("keep", "transport")
 

@@ -1,4 +1,4 @@
-"""The six-stage step: behaves as a torch optimizer; geometry stages keep factors on
+"""The staged step: behaves as a torch optimizer; geometry stages keep factors on
 their manifolds (tested with the external plugin's `oblique` manifold)."""
 
 from __future__ import annotations
@@ -331,3 +331,62 @@ def test_factor_without_gradient_stays_put_while_its_group_steps(tiny):
     rgrad = g - q_old * (q_old * g).sum(-1, keepdim=True)
     moved = q_old - 0.3 * rgrad
     assert torch.allclose(query.A, moved / moved.norm(dim=-1, keepdim=True), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- a coupled manifold that retracts
+class JointSphere(geopeft.Manifold):
+    """Pairs (B, A) with ‖B‖²_F + ‖A‖²_F = 1: a coupled manifold with the default
+    post_step = "retract". Points and vectors are tuples (B (G, m, r), A (G, r, n))."""
+
+    coupled = True
+
+    @staticmethod
+    def _inner(x, u):
+        return sum((a * b).sum((-2, -1)) for a, b in zip(x, u))[..., None, None]
+
+    def project_tangent(self, x, u):
+        c = self._inner(x, u)
+        return tuple(ui - c * xi for xi, ui in zip(x, u))
+
+    def retract(self, x, u):
+        return self.project(tuple(xi + ui for xi, ui in zip(x, u)))
+
+    def project(self, x):
+        norm = self._inner(x, x).sqrt()
+        return tuple(xi / norm for xi in x)
+
+    def violation(self, x):
+        return (self._inner(x, x)[..., 0, 0] - 1).abs()
+
+    def random_point(self, shape, generator=None, dtype=torch.float32):
+        raise NotImplementedError
+
+
+def test_coupled_manifold_with_retract_step_keeps_pairs_on_it_and_moments_tangent(tiny):
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=3, manifold={"B,A": JointSphere()},
+                  moments="transport")
+    opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.2, momentum=0.9)
+    before = {n: (a.B.detach().clone(), a.A.detach().clone()) for n, a in geopeft.adapters(tiny)}
+    tiny(tiny_batch(0)).pow(2).mean().backward()
+    olds = [(a.B.detach().clone(), a.A.detach().clone()) for _, a in geopeft.adapters(tiny)]
+    opt.step()
+    # stage 2 made the pair's gradient tangent at the old point: <x, g> over both factors is 0
+    for (b, a_), (_, a) in zip(olds, geopeft.adapters(tiny)):
+        assert abs(float((b * a.B.grad).sum() + (a_ * a.A.grad).sum())) <= 1e-6
+    opt.zero_grad()
+    _train(tiny, opt, 3, start=1)
+    for name, a in geopeft.adapters(tiny):
+        b, a_ = a.B.detach(), a.A.detach()
+        assert abs(float(b.pow(2).sum() + a_.pow(2).sum()) - 1) <= 1e-5, name
+        assert not torch.equal(b, before[name][0])
+        mb, ma = opt.state[a.B]["momentum_buffer"], opt.state[a.A]["momentum_buffer"]
+        assert abs(float((b * mb).sum() + (a_ * ma).sum())) <= 1e-5, name  # transported
+
+
+def test_manifold_with_an_unknown_post_step_is_refused_at_adapt(tiny):
+    class Odd(JointSphere):
+        post_step = "sometimes"
+
+    with pytest.raises(geopeft.IncompatibleComponentsError, match="post_step='sometimes'"):
+        geopeft.adapt(tiny, "lora", targets=["query"], manifold={"B,A": Odd()})
+    assert geopeft.adapters(tiny) == []
