@@ -19,7 +19,15 @@ from .errors import (
     UnknownComponentError,
 )
 from .hookspecs import hookimpl
-from .interfaces import Adapter, GradientTransform, Initializer, Manifold, RankController, Recipe
+from .interfaces import (
+    Adapter,
+    GradientTransform,
+    Initializer,
+    Manifold,
+    RankController,
+    Recipe,
+    TargetPreset,
+)
 
 __version__ = "0.1.0"
 
@@ -34,13 +42,15 @@ def components() -> dict[str, list[str]]:
 
 # imported after the interfaces: these modules use them
 from .export import export_peft  # noqa: E402
-from .model import adapt, adapters, disable_adapters, merge, unmerge  # noqa: E402
+from .model import adapt, adapters, disable_adapters, merge, unload, unmerge  # noqa: E402
 from .optim import GeometricOptimizer, optimizer  # noqa: E402
+from .peft_import import import_peft  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
-    "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError", "adapt",
-    "adapters", "components", "disable_adapters", "export_peft", "hookimpl", "load", "merge", "optimizer", "save", "unmerge",
+    "RankController", "Recipe", "ShapeError", "TargetError", "TargetPreset", "UnknownComponentError",
+    "adapt", "adapters", "components", "disable_adapters", "export_peft", "hookimpl", "import_peft",
+    "load", "merge", "optimizer", "save", "unload", "unmerge",
 ]

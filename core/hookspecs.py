@@ -8,7 +8,7 @@ A plugin implements any of these with `@geopeft.hookimpl` and calls
         register("oblique", ObliqueManifold)
 
 Components are classes (instantiated with options by the recipe), except
-methods, which are `Recipe` instances.
+methods, which are `Recipe` instances, and target presets, `TargetPreset` instances.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ def register_methods(register):
     """Register method recipes: register(name, Recipe(...))."""
 
 
+@hookspec
+def register_target_presets(register):
+    """Register default targets for families of models: register(name, TargetPreset(...)).
+    `adapt` uses the first preset that matches a model when `targets` is omitted."""
+
+
 #: component kind -> the hook that registers it
 KIND_HOOKS = {
     "adapter": "register_adapters",
@@ -58,4 +64,5 @@ KIND_HOOKS = {
     "rank_controller": "register_rank_controllers",
     "initializer": "register_initializers",
     "method": "register_methods",
+    "target_preset": "register_target_presets",
 }

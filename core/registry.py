@@ -20,7 +20,15 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError, UnknownComponentError, did_you_mean
 from .hookspecs import KIND_HOOKS, PROJECT
-from .interfaces import Adapter, GradientTransform, Initializer, Manifold, RankController, Recipe
+from .interfaces import (
+    Adapter,
+    GradientTransform,
+    Initializer,
+    Manifold,
+    RankController,
+    Recipe,
+    TargetPreset,
+)
 
 KINDS = tuple(KIND_HOOKS)
 _EXPECTED = {
@@ -30,6 +38,8 @@ _EXPECTED = {
     "rank_controller": RankController,
     "initializer": Initializer,
 }
+#: kinds registered as instances rather than classes
+_INSTANCES = {"method": Recipe, "target_preset": TargetPreset}
 
 
 @dataclass
@@ -160,10 +170,11 @@ class Registry:
     def _validate(self, kind: str, plugin: str, name: str, obj: Any) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin!r} registered a {kind} with an invalid name {name!r}")
-        if kind == "method":
-            if not isinstance(obj, Recipe):
-                raise PluginError(f"plugin {plugin!r}: method {name!r} must be a geopeft.Recipe, "
-                                  f"got {type(obj).__name__}")
+        if kind in _INSTANCES:
+            expected = _INSTANCES[kind]
+            if not isinstance(obj, expected):
+                raise PluginError(f"plugin {plugin!r}: {kind.replace('_', ' ')} {name!r} must be a "
+                                  f"geopeft.{expected.__name__}, got {type(obj).__name__}")
             return
         expected = _EXPECTED[kind]
         if not (isinstance(obj, type) and issubclass(obj, expected)):
@@ -178,6 +189,10 @@ class Registry:
     # ------------------------------------------------------------------ lookup
     def names(self, kind: str) -> list[str]:
         return sorted(self._table(kind))
+
+    def items(self, kind: str) -> list[tuple[str, Any]]:
+        """[(name, registered object)] of `kind`, in registration order."""
+        return [(name, entry.obj) for name, entry in self._table(kind).items()]
 
     def get(self, kind: str, name: str) -> Any:
         """The registered class (or Recipe) for `name`; a helpful error when unknown."""

@@ -112,6 +112,36 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapters and `trainable` modules saved in `path` back into `model`, which
+    already carries adapters of the same layers and recipe (a training run resuming from
+    a checkpoint): adapters whose saved rank differs are resized first. In place."""
+    state = _state_or_error(model)
+    root = find_root(model)
+    directory = Path(path)
+    config = read_config(directory)
+    if config["recipe"] != json.loads(json.dumps(state.resolved.to_json())):
+        raise CheckpointError(f"{directory} was saved with recipe {config['recipe'].get('method')!r} "
+                              f"and other components or options than this model's "
+                              f"({state.resolved.recipe.name!r}); restore into the model it was "
+                              "trained as, or geopeft.load it onto a fresh base model")
+    current = dict(adapters(root))
+    if set(config["layers"]) != set(current):
+        raise CheckpointError(f"{directory} holds adapters for other layers than this model's; "
+                              "restore into the model it was trained as")
+    tensors = _read_weights(directory)
+    for name, info in config["layers"].items():
+        if current[name].rank != int(info["rank"]):
+            current[name].resize(int(info["rank"]))
+    expected = {f"adapters.{n}.{f}": p for n, a in current.items() for f, p in a.factors().items()}
+    expected.update({f"trainable.{n}": p for n, p in trainable_params(root, state.trainable)})
+    _check_tensors(directory, expected, tensors)
+    with torch.no_grad():
+        for key, p in expected.items():
+            p.copy_(tensors[key])
+    return model
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     """geopeft.json of `directory`, checked; CheckpointError names what is wrong."""
     if not directory.is_dir():

@@ -16,7 +16,8 @@ from geopeft import cli
 from geopeft.registry import get_registry
 
 PLUGIN_KEYS = {"name", "distribution", "version", "components", "error"}
-KINDS = {"adapter", "manifold", "gradient_transform", "rank_controller", "initializer", "method"}
+KINDS = {"adapter", "manifold", "gradient_transform", "rank_controller", "initializer", "method",
+         "target_preset"}
 
 
 def _env(**extra: str) -> dict[str, str]:

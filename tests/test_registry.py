@@ -23,6 +23,7 @@ KIND_BASES = {
     "rank_controller": "geopeft.RankController",
     "initializer": "geopeft.Initializer",
     "method": "geopeft.Recipe",
+    "target_preset": "geopeft.TargetPreset",
 }
 HOOKS = {
     "adapter": "register_adapters",
@@ -31,6 +32,7 @@ HOOKS = {
     "rank_controller": "register_rank_controllers",
     "initializer": "register_initializers",
     "method": "register_methods",
+    "target_preset": "register_target_presets",
 }
 
 
@@ -120,7 +122,7 @@ def test_builtin_lora_plugin_comes_from_its_entry_point():
     assert reg.pm.get_plugin("lora") is __import__("geopeft.plugins.lora", fromlist=["_"])
 
 
-def test_components_lists_all_six_kinds_with_the_lora_parts():
+def test_components_lists_every_kind_with_the_lora_parts():
     comps = geopeft.components()
     assert set(comps) == set(KIND_BASES)
     assert "lora" in comps["adapter"]
