@@ -14,6 +14,7 @@ from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe
 from .layers import layer_ops
 from .recipes import Resolved, resolve
+from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
 
 STATE_ATTR = "geopeft_state"
@@ -32,6 +33,8 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled and not self.merged and base_shift(self.adapter) is not None:
+            return add_shift_output(self.adapter, x, out)  # the unshifted base function
         if self.merged or self.disabled:
             return out
         return self.adapter(x, out)
@@ -180,14 +183,20 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """The base architecture back, in place: every adapted layer is replaced by its base
-    layer, with ΔW merged into the weight (`merge=True`, as `merge` rounds it) or dropped
-    (`merge=False`), and the geopeft state is removed — `state_dict()` keys and
-    `save_pretrained` are the base model's again. Trained `trainable` modules keep their
-    weights; `requires_grad` flags stay as training left them. Returns `model`."""
+    layer, with ΔW merged into the weight (`merge=True`, as `merge` rounds it: a base weight
+    an initializer shifted becomes W − s·B₀A₀ + ΔW, the fine-tuned weight) or dropped
+    (`merge=False`: the original W, a shift undone up to one rounding), and the geopeft
+    state is removed — `state_dict()` keys and `save_pretrained` are the base model's
+    again. Trained `trainable` modules keep their weights; `requires_grad` flags stay as
+    training left them. Returns `model`."""
     root = find_root(model)
     layers = _layers_or_error(model)
     for name, layer in layers:
-        layer.merge() if merge else layer.unmerge()
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+            unshift_base(layer.adapter)
         _replace(root, name, layer.base_layer)
     delattr(root, STATE_ATTR)
     return model
@@ -244,7 +253,8 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
 def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
               trainable: Sequence[str]):
     """Freeze the model, wrap each layer with its adapter, unfreeze `trainable`; if the
-    body raises, put every layer and `requires_grad` flag back as it was."""
+    body raises, put every layer and `requires_grad` flag back as it was (and every base
+    weight an initializer shifted, up to one rounding)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -256,6 +266,8 @@ def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
         set_trainable(model, trainable)
         yield
     except BaseException:
+        for _, _, adapter in built:  # an initializer may have shifted base weights
+            unshift_base(adapter)
         for name, module in reversed(done):
             _replace(model, name, module)
         for p, flag in flags:

@@ -10,8 +10,9 @@ scaling is `lora_alpha / r` (`/ √r` with `use_rslora`), `alpha_pattern` and
   (`balanced` changes the basis of (B, A) and keeps B·A);
 - a three-factor adapter (U, S, V: `stella`) takes the thin SVD of PEFT's s·B·A,
   computed in float64 from QR factors of B and Aᵀ (no m×n matrix).
-`modules_to_save` become `trainable` modules with PEFT's weights. Reading needs neither
-peft nor pickle.
+`modules_to_save` become `trainable` modules with PEFT's weights. A recipe whose
+initializer shifts the base weight (W − s·B₀A₀) gets W back bit for bit: PEFT's factors
+are an update of the original base. Reading needs neither peft nor pickle.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .errors import CheckpointError, ConfigError
 from .interfaces import Adapter, Recipe
 from .layers import layer_ops
 from .model import adapt, adapters, project_onto_manifolds, trainable_params
+from .shift import base_shift, forget_shift
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -67,14 +69,16 @@ def import_peft(model: nn.Module, path: str | os.PathLike, method: str | Recipe 
     if float(config.get("lora_dropout") or 0.0) > 0:
         overrides.setdefault("dropout", float(config["lora_dropout"]))
     targets = "(" + "|".join(re.escape(n) for n in layers) + ")"
-    # the base layers' weights get nothing from PEFT: a failing check below leaves the
-    # model adapted with the recipe's own initial factors, so check everything first
-    _check_trainable(directory, model, trainable, rest)
+    _check_trainable(directory, model, trainable, rest)  # every check before the model changes
+    weights = {name: modules[name].weight.detach().clone() for name in layers}
     adapt(model, method, targets=targets, rank=r0, alpha=alpha0, ranks=ranks,
           trainable=trainable, **overrides)
     with torch.no_grad():
         pairs = adapters(model)
         for name, adapter in pairs:
+            if base_shift(adapter) is not None:  # PEFT's base is the unshifted one: W exactly
+                adapter.base_layer.weight.copy_(weights[name])
+                forget_shift(adapter)
             f = layers[name]
             b, a = f["B"].reshape(f["B"].shape[0], -1), f["A"].reshape(f["A"].shape[0], -1)
             _fill(adapter, name, b, a, peft_scaling[name] / adapter.scaling)

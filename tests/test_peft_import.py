@@ -37,7 +37,7 @@ def peft_model(seed: int = 0):
     return fresh, model.eval()
 
 
-@pytest.mark.parametrize("method", ["lora", "stella", "balora"])
+@pytest.mark.parametrize("method", ["lora", "stella", "balora", "pissa"])
 def test_peft_directory_imports_with_equal_outputs(tmp_path, method):
     fresh, pm = peft_model()
     pm.save_pretrained(tmp_path)
@@ -52,6 +52,8 @@ def test_peft_directory_imports_with_equal_outputs(tmp_path, method):
     ranks = {n: a.rank for n, a in geopeft.adapters(model)}
     assert ranks == {"embed": 4, "query": 4, "ffn.2": 2}
     assert max_violation([a for _, a in geopeft.adapters(model)]) <= 1e-5  # on the manifolds
+    # pissa's initializer shifts W; PEFT's factors update the original W, which comes back exactly
+    assert torch.equal(model.query.base_layer.weight, pm.base_model.model.query.base_layer.weight)
     if method == "lora":  # the factors themselves, where the scalings agree
         assert torch.equal(model.embed.adapter.A, pm.base_model.model.embed.lora_embedding_A["default"])
     assert torch.equal(model.classifier.weight,

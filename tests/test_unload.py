@@ -68,6 +68,15 @@ def test_unload_without_merge_is_the_base_model(tiny):
         geopeft.unload(model)
 
 
+def test_unload_without_merge_undoes_a_base_shift(tiny):
+    """PiSSA's initializer shifts W (W − s·B₀A₀); unload(merge=False) gives the original back."""
+    base = copy.deepcopy(tiny)
+    model = geopeft.adapt(tiny, "pissa", targets=["query", "value"], rank=2)
+    assert not torch.equal(model.query.base_layer.weight, base.query.weight)
+    geopeft.unload(model, merge=False)
+    assert torch.allclose(model.query.weight, base.query.weight, atol=1e-6)
+
+
 def test_unload_of_a_merged_model_keeps_the_merge_once(tiny):
     model = geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=2)
     perturb(model)
