@@ -21,7 +21,15 @@ from .errors import (
     UnknownComponentError,
 )
 from .hookspecs import hookimpl
-from .interfaces import Adapter, GradientTransform, Initializer, Manifold, RankController, Recipe
+from .interfaces import (
+    Adapter,
+    GradientTransform,
+    Initializer,
+    Manifold,
+    RankChange,
+    RankController,
+    Recipe,
+)
 
 __version__ = "0.1.0"
 
@@ -67,7 +75,7 @@ from .serialization import load, save  # noqa: E402
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
-    "LayerStats", "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError",
+    "LayerStats", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError",
     "adapt", "adapters", "calibrate", "components", "disable_adapters", "export_peft", "hookimpl", "load",
     "merge", "optimizer", "register", "save", "unmerge", "unregister",
 ]

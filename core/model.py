@@ -16,6 +16,7 @@ from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe
 from .layers import layer_ops
 from .recipes import Resolved, resolve
+from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
 
 STATE_ATTR = "geopeft_state"
@@ -35,6 +36,8 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled and not self.merged and base_shift(self.adapter) is not None:
+            return add_shift_output(self.adapter, x, out)  # the unshifted base function
         if self.merged or self.disabled:
             return out
         return self.adapter(x, out)
@@ -262,7 +265,8 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
 def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
               trainable: Sequence[str]):
     """Freeze the model, wrap each layer with its adapter, unfreeze `trainable`; if the
-    body raises, put every layer and `requires_grad` flag back as it was."""
+    body raises, put every layer and `requires_grad` flag back as it was (and every base
+    weight an initializer shifted, up to one rounding)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -274,6 +278,8 @@ def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
         set_trainable(model, trainable)
         yield
     except BaseException:
+        for _, _, adapter in built:  # an initializer may have shifted base weights
+            unshift_base(adapter)
         for name, module in reversed(done):
             _replace(model, name, module)
         for p, flag in flags:

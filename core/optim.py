@@ -13,7 +13,8 @@
      batched per factor group;
   5. `_transport`: one pass moving first moments (`moments="transport"`) from the old points
      to the retracted or projected ones;
-  6. `_update_ranks`: the rank controller (ranks change through `resize`, state follows).
+  6. `_update_ranks`: the rank controller (ranks change through `resize`, state follows);
+     its `before_step` hook runs before stage 1, on the raw gradients (`_before_step`).
 The torch-Optimizer face (param_groups, state, hooks) is `wrapped.WrappedOptimizer`.
 """
 
@@ -21,17 +22,17 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from geopeft.kernels import assign_, full, resize_along, stack_fp32, write_stacked
+from geopeft.kernels import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
 
 from .errors import ConfigError, GeopeftError
 from .geometry import FactorGroup, factor_groups
-from .interfaces import Adapter, factor_names_of
+from .interfaces import Adapter, RankChange, factor_names_of
 from .model import AdaptState, adapters, find_state
 from .wrapped import WrappedOptimizer
 
@@ -82,6 +83,7 @@ class GeometricOptimizer(WrappedOptimizer):
         self._no_weight_decay_on_manifolds()
         for transform in self.transforms:
             transform.check_optimizer(inner, [a for _, a in self.named_adapters])
+        self.rank_controller.check_optimizer(inner, self.named_adapters)
         self.transform_states: dict[str, list[dict[str, Tensor]]] = {
             name: [t.init_state(a) for t in self.transforms] for name, a in self.named_adapters}
         self._plan()
@@ -153,8 +155,12 @@ class GeometricOptimizer(WrappedOptimizer):
                 loss = closure()
         if self._skip_if_nonfinite():
             return loss
+        self._before_step()
         self._apply_transforms()
-        olds = [group.stacked() for group in self._retract_groups]  # stages 2, 4 and 5 share them
+        # stages 2, 4 and 5 share the stacked old points; a group none of whose factors has a
+        # gradient (a rank controller moves them itself) does not move and is skipped
+        olds = [(g, g.stacked()) for g in self._retract_groups
+                if any(p.grad is not None for ps in g.params for p in ps)]
         self._riemannian_grad(olds)
         self._base_step()
         moved = self._retract(olds) + self._project()
@@ -185,6 +191,11 @@ class GeometricOptimizer(WrappedOptimizer):
                 return False
         return True
 
+    def _before_step(self) -> None:
+        """Before stage 1: the rank controller's look at the raw gradients (`before_step`)."""
+        if not self.rank_controller.static:
+            self.rank_controller.before_step(self.step_count, self.named_adapters, self)
+
     def _apply_transforms(self) -> None:
         """Stage 1: each transform, in recipe order, on same-shape adapters at once."""
         if not self.transforms:
@@ -204,12 +215,12 @@ class GeometricOptimizer(WrappedOptimizer):
                     if new[f] is not p.grad:
                         assign_(p.grad, new[f])
 
-    def _riemannian_grad(self, olds: list[Points]) -> None:
+    def _riemannian_grad(self, olds: list[tuple[FactorGroup, Points]]) -> None:
         """Stage 2: gradients ← egrad_to_rgrad at the stacked old points, per retract group
         (members whose gradients are all present; for a coupled manifold, tuples)."""
         if not self.recipe.riemannian_grad:
             return
-        for group, old in zip(self._retract_groups, olds):
+        for group, old in olds:
             grads = [[ps[j].grad for ps in group.params] for j in range(len(group.names))]
             live = [i for i in range(len(group.params)) if all(g[i] is not None for g in grads)]
             if not live:
@@ -224,10 +235,10 @@ class GeometricOptimizer(WrappedOptimizer):
         self.optimizer.step()
         self.step_count += 1
 
-    def _retract(self, olds: list[Points]) -> list[tuple[FactorGroup, Points, Points]]:
+    def _retract(self, olds: list[tuple[FactorGroup, Points]]) -> list[tuple[FactorGroup, Points, Points]]:
         """Stage 4a: each retract group from its old points along the step just taken."""
         moved = []
-        for group, old in zip(self._retract_groups, olds):
+        for group, old in olds:
             new = group.manifold.retract_step(old, group.stacked())
             group.write(new)
             moved.append((group, old, new))
@@ -273,22 +284,57 @@ class GeometricOptimizer(WrappedOptimizer):
             self._plan()
 
     # ------------------------------------------------------------------ ranks
-    def resize(self, name: str, new_rank: int, keep: Tensor | None = None) -> None:
-        """Change the rank of the adapter on `name`; param groups and state follow
-        (kept rank-indices `keep`, new ones zero)."""
-        adapter = dict(self.named_adapters)[name]
-        swapped = adapter.resize(new_rank, keep)
-        for fname, (old, new) in swapped.items():
-            for group in self.param_groups:
-                group["params"] = [new if p is old else p for p in group["params"]]
-            state = self.state.pop(old, None)
-            if state is None:
-                continue
-            dims = adapter.rank_dims[fname]
-            self.state[new] = {
-                key: resize_along(v, dims, new_rank, keep)
-                if torch.is_tensor(v) and v.shape == old.shape and v.dim() > 0 else v
-                for key, v in state.items()}
+    def resize(self, name: str, new_rank: int, keep: Tensor | None = None, *,
+               basis: Mapping[str, Sequence[Tensor]] | None = None,
+               values: Mapping[str, Tensor] | None = None) -> None:
+        """Change the rank of the adapter on `name` (see `Adapter.resize`); param groups
+        and state follow. Kept indices `keep`: state entries the factor's shape are cut
+        and zero-padded alike. A change of `basis`: first moments (`exp_avg`,
+        `momentum_buffer`) are mapped by it as the factor is, the other factor-shaped
+        entries (second moments) by its elementwise square — non-negative, exact for a
+        selection, and for a rotation the second moment of coordinates taken as independent."""
+        self.resize_many([RankChange(name, new_rank, keep, basis, values)])
+
+    def resize_many(self, changes: Sequence[RankChange]) -> None:
+        """Several `resize`s at once: one pass over the param groups, one re-plan, the
+        state of same-shape factors moved in stacked calls."""
+        named = dict(self.named_adapters)
+        unknown = [c.name for c in changes if c.name not in named]
+        if unknown:
+            raise GeopeftError(f"no adapter on {', '.join(unknown[:5])}; adapters: "
+                               f"{', '.join(list(named)[:5])}…")
+        swap: dict[int, nn.Parameter] = {}
+        # (kind, shape, dims, rank, dtype, device) -> [(state entry, its new owner, key, basis)]
+        rotations: dict[tuple, list[tuple[Tensor, nn.Parameter, str, Sequence[Tensor]]]] = defaultdict(list)
+        for change in changes:
+            adapter = named[change.name]
+            swapped = adapter.resize(change.rank, change.keep, basis=change.basis, values=change.values)
+            for fname, (old, new) in swapped.items():
+                swap[id(old)] = new
+                state = self.state.pop(old, None)
+                if state is None:
+                    continue
+                self.state[new] = state  # its factor-shaped entries are replaced below
+                dims = adapter.rank_dims[fname]
+                basis = change.basis.get(fname) if change.basis else None
+                for key, v in state.items():
+                    if not (torch.is_tensor(v) and v.dim() > 0 and v.shape == old.shape):
+                        continue
+                    if basis is None:
+                        state[key] = resize_along(v, dims, change.rank, change.keep)
+                    else:
+                        kind = "first" if key in FIRST_MOMENTS else "squared"
+                        sig = (kind, tuple(v.shape), dims, change.rank, v.dtype, v.device)
+                        rotations[sig].append((v, new, key, basis))
+        for (kind, _, dims, *_), items in rotations.items():
+            mats = [torch.stack([basis[i] for *_, basis in items]) for i in range(len(dims))]
+            if kind == "squared":
+                mats = [m * m for m in mats]
+            moved = change_basis(torch.stack([v for v, *_ in items]), dims, mats)
+            for (_, new, key, _), value in zip(items, moved.unbind(0)):
+                self.state[new][key] = value
+        for group in self.param_groups:
+            group["params"] = [swap.get(id(p), p) for p in group["params"]]
         self._plan()
 
     def ranks(self) -> dict[str, int]:

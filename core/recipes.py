@@ -198,6 +198,7 @@ def check_compatible(resolved: Resolved) -> None:
                 f"assigns it to {key!r}")
     parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
     parts.append(("initializer", recipe.initializer, resolved.initializer))
+    parts.append(("rank controller", recipe.rank_controller, resolved.rank_controller))
     for label, name, part in parts:
         missing = sorted(set(part.requires) - have)
         if missing:

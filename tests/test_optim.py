@@ -318,6 +318,35 @@ def test_resize_checks_keep_and_ranks_must_name_targets(tiny):
     assert tiny.query.adapter.A.shape == (6, 16) and torch.count_nonzero(tiny.query.adapter.A[2:]) == 0
 
 
+def test_resize_by_a_change_of_basis_maps_factors_and_moments(tiny):
+    """B ← B·R, A ← Rᵀ·A for a (4, 3) R with orthonormal columns: first moments map as
+    their factors, second moments by R∘R; resize_many moves both layers at once."""
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4)
+    with torch.no_grad():
+        for _, a in geopeft.adapters(tiny):
+            a.B.normal_()
+    opt = geopeft.optimizer(tiny, torch.optim.AdamW, lr=1e-2)
+    _train(tiny, opt, 2)
+    rot = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0))).Q[:, :3]
+    before = {n: (a.B.detach().clone(), a.A.detach().clone(), opt.state[a.B]["exp_avg"].clone(),
+                  opt.state[a.B]["exp_avg_sq"].clone(), opt.state[a.A]["exp_avg"].clone())
+              for n, a in geopeft.adapters(tiny)}
+    opt.resize_many([geopeft.RankChange(n, 3, basis={"A": (rot,), "B": (rot,)}) for n in before])
+    for n, a in geopeft.adapters(tiny):
+        b, aa, mb, vb, ma = before[n]
+        assert torch.allclose(a.B, b @ rot, atol=1e-6) and torch.allclose(a.A, rot.T @ aa, atol=1e-6)
+        assert torch.allclose(opt.state[a.B]["exp_avg"], mb @ rot, atol=1e-7)
+        assert torch.allclose(opt.state[a.B]["exp_avg_sq"], vb @ (rot * rot), atol=1e-9)
+        assert torch.allclose(opt.state[a.A]["exp_avg"], rot.T @ ma, atol=1e-7)
+        assert bool((opt.state[a.A]["exp_avg_sq"] >= 0).all())
+    _train(tiny, opt, 1, start=2)  # the new parameters are the optimizer's
+    with pytest.raises(geopeft.ShapeError, match=r"basis for factor 'A' must be 1 matri\(ces\) of shape \(3, 2\)"):
+        opt.resize("query", 2, basis={"A": (rot,), "B": (rot,)})
+    values = {"A": torch.ones(5, 16), "B": torch.zeros(16, 5)}
+    opt.resize("query", 5, values=values)
+    assert torch.equal(tiny.query.adapter.A, values["A"]) and opt.ranks() == {"query": 5, "value": 3}
+
+
 def test_factor_without_gradient_stays_put_while_its_group_steps(tiny):
     geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4, manifold={"A": "oblique"})
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.3)
