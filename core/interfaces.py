@@ -399,3 +399,33 @@ class Recipe:
     def settings(cls) -> list[str]:
         """The fields that configure the step (riemannian_grad, project_every, moments)."""
         return [f.name for f in fields(cls) if f.metadata.get("setting")]
+
+
+# --------------------------------------------------------------------------- TargetPreset
+@dataclass(frozen=True)
+class TargetPreset:
+    """Default `targets` for a family of models, used by `adapt` when `targets` is omitted.
+
+    A preset matches a model by its HF `config.model_type` (`model_types`) or by the
+    fully qualified name of its class or of a base class (`classes`, e.g.
+    "timm.models.vision_transformer.VisionTransformer"), read off the model: matching
+    imports nothing, so a plugin of presets needs none of the libraries it describes.
+    `targets` is what `adapt(targets=...)` takes: module names (PEFT's suffix rule) or a
+    regular expression.
+    """
+
+    name: str
+    targets: tuple[str, ...] | str
+    model_types: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    description: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if isinstance(model_type, str) and model_type in self.model_types:
+            return True
+        return any(f"{c.__module__}.{c.__qualname__}" in self.classes for c in type(model).__mro__)
+
+    def select(self) -> str | list[str]:
+        """The `targets` value for `adapt`."""
+        return self.targets if isinstance(self.targets, str) else list(self.targets)

@@ -1,4 +1,4 @@
-"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`."""
+"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`, `unload`."""
 
 from __future__ import annotations
 
@@ -211,6 +211,27 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`."""
     for _, layer in _layers_or_error(model):
         layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """The base architecture back, in place: every adapted layer is replaced by its base
+    layer, with ΔW merged into the weight (`merge=True`, as `merge` rounds it: a base weight
+    an initializer shifted becomes W − s·B₀A₀ + ΔW, the fine-tuned weight) or dropped
+    (`merge=False`: the original W, a shift undone up to one rounding), and the geopeft
+    state is removed — `state_dict()` keys and `save_pretrained` are the base model's
+    again. Trained `trainable` modules keep their weights; `requires_grad` flags stay as
+    training left them. Returns `model`."""
+    root = find_root(model)
+    layers = _layers_or_error(model)
+    for name, layer in layers:
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+            unshift_base(layer.adapter)
+        _replace(root, name, layer.base_layer)
+    delattr(root, STATE_ATTR)
     return model
 
 
