@@ -143,13 +143,14 @@ def _restore(path: Path, model: nn.Module, opt, meta: dict[str, Any]) -> RunStat
 
 def run_key(cfg, method: str, lr: float) -> str:
     """A digest of everything that decides a run's result: model, data, adaptation (this
-    recipe's options only), training (not the progress bar or thread count), method, lr."""
+    recipe's options only), training (not what only shapes the record: progress bar, thread
+    count, eval and checkpoint intervals), method, lr."""
     import hashlib
 
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True)
-    train = {k: v for k, v in c["train"].items() if k not in ("progress", "threads", "checkpoint_every")}
+    train = {k: v for k, v in c["train"].items() if k not in ("progress", "threads", "eval_every", "checkpoint_every")}
     adapt = dict(c["adapt"], method_options=c["adapt"]["method_options"].get(method, {}))
     blob = json.dumps([c["model"], c["data"], adapt, train, method, lr], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
