@@ -63,7 +63,7 @@ def compare(cfg, data, lr_sweep: bool = False, reuse: bool = False) -> Path:
     config = OmegaConf.to_container(cfg, resolve=True)
     (out / "compare.json").write_text(json.dumps({"config": config, "summary": summary,
                                                   "runs": results}, indent=1))
-    (out / "compare.md").write_text(report.markdown(cfg, summary, lr_sweep))
+    (out / "compare.md").write_text(report.markdown(cfg, summary, lr_sweep, results))
     report.plot_curves(results, out / "compare.png")
     if any(r["rank_adaptive"] for r in results):
         report.plot_ranks(results, out / "compare_ranks.png")
