@@ -26,9 +26,10 @@ Pair = tuple[Tensor, Tensor]
 class BalancedManifold(Manifold):
     """Pairs (B (…, m, r), A (…, r, n)) with BᵀB = AAᵀ; a coupled manifold on the key "B,A".
 
-    `project` balances each pair without changing its product BA (QR of B and Aᵀ, SVD of
-    the r×r core, √Σ split: `geopeft.kernels.balance`), batched over same-shape pairs, in
-    the stack's dtype (float32, or float64 if given float64). Pairs whose product has
+    `project` maps each pair to the nearest balanced pair with the same product BA,
+    (B R⁻¹, R A) with R symmetric positive definite (`geopeft.kernels.balance`): the
+    identity on balanced pairs, continuous, no column flipped or reordered; batched over
+    same-shape pairs, thin QRs in the stack's dtype, r×r work in float64. Pairs whose product has
     numerical rank < r — σ_r(BA) ≤ rank_rtol·σ_1(BA), default rank_rtol = max(m, n)·ε
     of the dtype (ε = 1.19e-7 in float32) — are left unchanged, and how many is logged
     at debug level on the "geopeft.plugins.balora" logger: balancing them would zero
