@@ -44,7 +44,9 @@ class Manifold(abc.ABC):
     name: ClassVar[str] = ""
     #: True for the flat space: the optimizer skips every geometric stage.
     is_euclidean: ClassVar[bool] = False
-    #: True when the manifold couples several factors (x is a tuple of tensors).
+    #: True when the manifold couples several factors (x is a tuple of tensors). Its
+    #: `project` must keep the product of the factors in key order (BA for "B,A"): the
+    #: adapter's function; the property tests check it.
     coupled: ClassVar[bool] = False
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
@@ -73,7 +75,8 @@ class Manifold(abc.ABC):
         """The point after the base optimizer moved x to `new` (off the manifold): by
         default retract(x, project_tangent(x, new − x)). Override to change the step
         (StelLA scales it) or to fuse the two into one faster kernel."""
-        return self.retract(x, self.project_tangent(x, new - x))
+        step = tuple(n - o for n, o in zip(new, x)) if self.coupled else new - x
+        return self.retract(x, self.project_tangent(x, step))
 
     @abc.abstractmethod
     def project(self, x: Tensor) -> Tensor:
@@ -86,7 +89,15 @@ class Manifold(abc.ABC):
     @abc.abstractmethod
     def random_point(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> Tensor:
-        """A random point of M of the given (..., n, p) shape."""
+        """A random point of M of the given (..., n, p) shape (a coupled manifold: a tuple
+        of shapes, one per factor, and a tuple of tensors back)."""
+
+    def shape_error(self, shape: tuple[int, ...] | tuple[tuple[int, ...], ...]) -> str | None:
+        """Why a factor of this (n, p) shape cannot live on M, or None when it can (a coupled
+        manifold gets a tuple of shapes, in its key's order). `adapt` refuses a manifold
+        whose factor does not fit with a ShapeError naming the factor and this reason, before
+        anything runs. Default: every shape fits."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """The constructor options, for saving a recipe as JSON."""

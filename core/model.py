@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, GeopeftError, TargetError
-from .interfaces import Adapter, Recipe
+from .errors import ConfigError, GeopeftError, ShapeError, TargetError
+from .interfaces import Adapter, Recipe, factor_names_of
 from .layers import layer_ops
 from .recipes import Resolved, resolve
 from .targets import find_targets, name_matches
@@ -221,8 +221,23 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
             raise ConfigError(f"adapter {resolved.recipe.adapter!r} on {name!r} with options "
                               f"{options}: {exc}") from exc
         adapter.set_manifolds(resolved.manifolds)
+        _check_manifold_shapes(name, adapter)
         built.append((name, module, adapter))
     return built
+
+
+def _check_manifold_shapes(name: str, adapter: Adapter) -> None:
+    """Every factor fits its manifold (`Manifold.shape_error`), or a ShapeError naming the
+    layer, the factor, its shape and what the manifold needs."""
+    for key, manifold in adapter.factor_manifolds().items():
+        shapes = tuple(tuple(getattr(adapter, f).shape) for f in factor_names_of(key))
+        problem = manifold.shape_error(shapes if manifold.coupled else shapes[0])
+        if problem:
+            shown = ", ".join(f"{f} {s}" for f, s in zip(factor_names_of(key), shapes))
+            raise ShapeError(f"manifold {manifold.name or type(manifold).__name__!r} does not fit "
+                             f"factor {key!r} of the adapter on {name!r} ({shown}): {problem}. "
+                             f"Choose another manifold for {key!r} (manifold={{{key!r}: ...}}) or "
+                             f"leave the override out")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from torch import nn
 
 import geopeft
 from geopeft.geometry import max_violation
-from geopeft.kernels import balance, default_rank_rtol, push_through_basis_change
+from geopeft.kernels import balance, balanced_tangent, default_rank_rtol, push_through_basis_change
 from geopeft.recipes import from_json
 
 from helpers import TinyNet
@@ -161,8 +161,9 @@ def test_identity_on_balanced_pairs_and_idempotent(precision, g, r, extra_m, ext
     assert _rel(nb, b).max() <= tol and _rel(na, a).max() <= tol
     again = BALANCED().project((nb, na))
     assert _rel(again[0], nb).max() <= tol and _rel(again[1], na).max() <= tol
-    # the earlier route moves the same pair by O(1) (unless O happens to be ± a permutation)
-    if r > 1:
+    # the earlier route moves the same pair by O(1) where BA's singular values are distinct
+    # (then its singular basis is unique up to signs, and O is almost surely not one of them)
+    if r > 1 and cond_frac > 0.2:
         old_b, _ = _singular_basis_route(b.double(), a.double())
         assert _rel(old_b, b.double()).max() > 1e-2
 
@@ -424,6 +425,8 @@ def test_after_every_data_free_initializer(init):
 
 # ----------------------------------------------------------------------------- moments
 def test_moments_transport_pushes_first_moments_only():
+    """First moments are pushed through the change of basis and projected onto the tangent
+    space at the balanced pair; second moments and the points are as without transport."""
     model, x, y = _regression()
     twin = copy.deepcopy(model)
     geopeft.adapt(model, "balora", targets=["0"], rank=3, moments="transport")
@@ -448,7 +451,9 @@ def test_moments_transport_pushes_first_moments_only():
     vb, va = st_t[a_t.B]["exp_avg_sq"], st_t[a_t.A]["exp_avg_sq"]
     pre_b = b0 - 1e-2 * (mb / 0.1) / ((vb / 0.001).sqrt() + 1e-8)
     pre_a = a0 - 1e-2 * (ma / 0.1) / ((va / 0.001).sqrt() + 1e-8)
-    want_b, want_a = push_through_basis_change(pre_b, pre_a, a_t.B.detach(), a_t.A.detach(), mb, ma)
+    new_b, new_a = a_t.B.detach(), a_t.A.detach()
+    want_b, want_a = balanced_tangent(new_b, new_a,
+                                      *push_through_basis_change(pre_b, pre_a, new_b, new_a, mb, ma))
     assert torch.allclose(st_m[a_m.B]["exp_avg"], want_b, rtol=1e-4, atol=1e-7)
     assert torch.allclose(st_m[a_m.A]["exp_avg"], want_a, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(st_m[a_m.B]["exp_avg"], mb, rtol=1e-3)

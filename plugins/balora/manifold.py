@@ -67,6 +67,14 @@ class BalancedManifold(Manifold):
                              out.full_rank.numel(), m, r, r, n, r, rtol)
         return out.B, out.A
 
+    def shape_error(self, shape):
+        if len(shape) == 2 and all(len(s) >= 2 for s in shape):
+            (m, r), (r2, n) = (tuple(s)[-2:] for s in shape)
+            if r == r2 and r <= min(m, n):
+                return None
+        return (f"balanced needs a pair (B (m, r), A (r, n)) with r <= min(m, n), in that order "
+                f"(key 'B,A'), got shapes {', '.join(str(tuple(s)) for s in shape)}")
+
     def violation(self, x: Pair) -> Tensor:
         """‖BᵀB − AAᵀ‖_F / ‖BᵀB‖_F per pair."""
         return balance_violation(*x)
@@ -80,8 +88,15 @@ class BalancedManifold(Manifold):
     def transport(self, x: Pair, y: Pair, v: Pair) -> Pair:
         """Gradient-like v = (v_B, v_A) at x = (B, A) carried to y = (B R⁻¹, R A), a pair with
         the same product (y = project(x)): (v_B Rᵀ, R⁻ᵀ v_A), as gradients of L(BA) change
-        under the basis change. Used for the optimizer's first moments (moments="transport")."""
-        return push_through_basis_change(x[0], x[1], y[0], y[1], v[0], v[1])
+        under the basis change, then projected onto T_y. Used for the optimizer's first
+        moments (moments="transport").
+
+        A gradient of L(BA) at a balanced pair is already tangent (sym(BᵀG Aᵀ − BᵀG Aᵀ) = 0),
+        and it is pushed to the gradient at y exactly, so the projection only drops the normal
+        part {(BΛ, −ΛA): Λ symmetric} — directions that change the basis, not BA, which the
+        next projection undoes anyway — and makes the result tangent at y for any y and v."""
+        pushed = push_through_basis_change(x[0], x[1], y[0], y[1], v[0], v[1])
+        return balanced_tangent(y[0], y[1], *pushed)
 
     def random_point(self, shape: Sequence[Any], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> Pair:

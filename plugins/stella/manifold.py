@@ -104,6 +104,13 @@ class StiefelManifold(Manifold):
         """The nearest orthonormal matrix (polar factor by SVD: x need not be near St)."""
         return polar(x, "svd")
 
+    def shape_error(self, shape):
+        n, p = shape[-2:]
+        if n < p:
+            return (f"stiefel needs at least as many rows as columns (orthonormal columns, "
+                    f"xᵀx = I), got {n} x {p}: put it on a tall factor (LoRA's B, U or V of usv)")
+        return None
+
     def violation(self, x: Tensor) -> Tensor:
         """‖xᵀx − I‖_F per matrix."""
         return gram_violation(x)
