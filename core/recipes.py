@@ -138,8 +138,16 @@ def check_compatible(resolved: Resolved) -> None:
     adapter = recipe.adapter
     have = set(resolved.adapter_cls.factor_names)
     have_text = ", ".join(resolved.adapter_cls.factor_names)
+    owner: dict[str, FactorKey] = {}
     for key, manifold in resolved.manifolds.items():
         names = factor_names_of(key)
+        for n in names:
+            if n in owner:  # e.g. manifold={"B": "oblique", "B,A": "balanced"}
+                raise IncompatibleComponentsError(
+                    f"factor {n!r} is given two manifolds, {recipe.manifolds.get(owner[n], owner[n])!r} "
+                    f"on {owner[n]!r} and {recipe.manifolds.get(key, key)!r} on {key!r}: each factor "
+                    f"lives on one manifold; drop one of the two entries")
+            owner[n] = key
         missing = [n for n in names if n not in have]
         if missing:
             raise IncompatibleComponentsError(

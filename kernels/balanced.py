@@ -104,8 +104,14 @@ def balanced_tangent(B: Tensor, A: Tensor, u_b: Tensor, u_a: Tensor) -> tuple[Te
     set {BᵀB − AAᵀ = 0}: tangent vectors satisfy sym(Bᵀξ_B) = sym(ξ_A Aᵀ); the normal
     space is {(BΛ, −ΛA): Λ symmetric}. Λ solves the Lyapunov equation
     ½(MΛ + ΛM) = sym(Bᵀu_B − u_A Aᵀ) with M = BᵀB + AAᵀ, through the eigenbasis of M
-    (pseudo-inverse where M is singular)."""
+    (pseudo-inverse where M is singular).
+
+    Computed in float64 and returned in u's dtype: the Lyapunov solve amplifies rounding by
+    cond(M) = cond(BA) at a balanced pair, which float32 would turn into a projection that
+    is not idempotent to 1e-4."""
     _check_pair(B, A)
+    dtypes = (u_b.dtype, u_a.dtype)
+    B, A, u_b, u_a = (t.double() for t in (B, A, u_b, u_a))
     c = B.mT @ u_b - u_a @ A.mT
     c = (c + c.mT) / 2
     d, w = torch.linalg.eigh(B.mT @ B + A @ A.mT)
@@ -114,7 +120,7 @@ def balanced_tangent(B: Tensor, A: Tensor, u_b: Tensor, u_a: Tensor) -> tuple[Te
     floor = denom.amax((-2, -1), keepdim=True) * torch.finfo(denom.dtype).eps
     lam_t = torch.where(denom > floor, 2 * ct / torch.where(denom > floor, denom, 1), 0)
     lam = w @ lam_t @ w.mT
-    return u_b - B @ lam, u_a + lam @ A
+    return (u_b - B @ lam).to(dtypes[0]), (u_a + lam @ A).to(dtypes[1])
 
 
 def push_through_basis_change(B: Tensor, A: Tensor, new_b: Tensor, new_a: Tensor,
