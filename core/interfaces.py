@@ -252,6 +252,11 @@ class GradientTransform(abc.ABC):
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: A family of transforms that must not be chained with each other: a recipe with two of
+    #: one family is refused. "gram_preconditioner": a factor's gradient divided by the other
+    #: factor's Gram matrix (LoRA-Pro, scaled GD) — chained, it is divided twice and the step
+    #: blows up as B → 0. "" (default): chains with anything.
+    exclusive: ClassVar[str] = ""
 
     def init_state(self, adapter: Adapter) -> dict[str, Tensor]:
         """Per-adapter state (tensors only, so it round-trips through state_dict)."""

@@ -162,6 +162,15 @@ def check_compatible(resolved: Resolved) -> None:
             raise IncompatibleComponentsError(
                 f"manifold {recipe.manifolds[key]!r} {kind}, but adapter {adapter!r} "
                 f"assigns it to {key!r}")
+    family: dict[str, str] = {}
+    for n, t in zip(recipe.transforms, resolved.transforms):
+        if t.exclusive and t.exclusive in family:
+            raise IncompatibleComponentsError(
+                f"gradient transforms {family[t.exclusive]!r} and {n!r} are both "
+                f"{t.exclusive!r} transforms, a family that must not be chained (see "
+                f"GradientTransform.exclusive); keep one of them")
+        if t.exclusive:
+            family[t.exclusive] = n
     parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
     parts.append(("initializer", recipe.initializer, resolved.initializer))
     parts.append(("rank controller", recipe.rank_controller, resolved.rank_controller))

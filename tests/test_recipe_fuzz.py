@@ -107,3 +107,11 @@ def test_a_factor_on_two_manifolds_is_refused():
                        match="factor 'B' is given two manifolds, 'oblique' on 'B' and 'balanced' on 'B,A'"):
         geopeft.adapt(TinyNet(), "lora", targets=["query"], rank=2,
                       manifold={"B": "oblique", "B,A": "balanced"})
+
+
+def test_two_gram_preconditioners_are_not_chained():
+    """Found by the fuzzer: lorapro then scaled_gd divides the gradients by BᵀB twice, and
+    from LoRA's B = 0 the loss went 1.5 → 1e9 in two SGD steps at any lr (1e-2 … 1e-3)."""
+    with pytest.raises(geopeft.IncompatibleComponentsError,
+                       match="'lorapro' and 'scaled_gd' are both 'gram_preconditioner' transforms"):
+        geopeft.adapt(TinyNet(), "lora", targets=["query"], rank=2, transforms=["lorapro", "scaled_gd"])
