@@ -46,11 +46,13 @@ FORMAT_VERSION = 1
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapters (and `trainable` modules) to directory `path`."""
+    """Write the model's adapters (and `trainable` modules) to directory `path`. Every
+    component is recorded by its registered name; one that is not registered (a class from
+    user code: `geopeft.register` it) is refused before anything is written."""
     state = _state_or_error(model)
+    described = state.to_json()  # refuses an unregistered component before anything is written
     model = find_root(model)  # names relative to the adapted model, not to a DDP wrapper
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     for name, adapter in adapters(model):
@@ -70,9 +72,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "versions": {"geopeft": _version(), "torch": torch.__version__},
-        **state.to_json(),
+        **described,
         "layers": layers,
     }
+    out.mkdir(parents=True, exist_ok=True)
     # weights first, config last: a directory with a config has complete weights
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
