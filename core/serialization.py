@@ -37,7 +37,7 @@ from .model import (
     trainable_params,
 )
 from .recipes import from_json
-from .shift import base_shift, shift_base
+from .shift import base_shift, shift_base, unshift_base
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "geopeft.json"
@@ -46,11 +46,13 @@ FORMAT_VERSION = 1
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapters (and `trainable` modules) to directory `path`."""
+    """Write the model's adapters (and `trainable` modules) to directory `path`. Every
+    component is recorded by its registered name; one that is not registered (a class from
+    user code: `geopeft.register` it) is refused before anything is written."""
     state = _state_or_error(model)
+    described = state.to_json()  # refuses an unregistered component before anything is written
     model = find_root(model)  # names relative to the adapted model, not to a DDP wrapper
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     for name, adapter in adapters(model):
@@ -70,9 +72,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "versions": {"geopeft": _version(), "torch": torch.__version__},
-        **state.to_json(),
+        **described,
         "layers": layers,
     }
+    out.mkdir(parents=True, exist_ok=True)
     # weights first, config last: a directory with a config has complete weights
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
@@ -122,6 +125,53 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 shift_base(adapter, shifts[f"shifts.{name}.B"], shifts[f"shifts.{name}.A"])
     setattr(model, STATE_ATTR, state)
     return model
+
+
+def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapters and `trainable` modules saved in `path` back into `model`, which
+    already carries adapters of the same layers and recipe (a training run resuming from
+    a checkpoint): adapters whose saved rank differs are resized first. In place."""
+    state = _state_or_error(model)
+    root = find_root(model)
+    directory = Path(path)
+    config = read_config(directory)
+    if config["recipe"] != json.loads(json.dumps(state.resolved.to_json())):
+        raise CheckpointError(f"{directory} was saved with recipe {config['recipe'].get('method')!r} "
+                              f"and other components or options than this model's "
+                              f"({state.resolved.recipe.name!r}); restore into the model it was "
+                              "trained as, or geopeft.load it onto a fresh base model")
+    current = dict(adapters(root))
+    if set(config["layers"]) != set(current):
+        raise CheckpointError(f"{directory} holds adapters for other layers than this model's; "
+                              "restore into the model it was trained as")
+    tensors = _read_weights(directory)
+    for name, info in config["layers"].items():
+        if current[name].rank != int(info["rank"]):
+            current[name].resize(int(info["rank"]))
+    expected = {f"adapters.{n}.{f}": p for n, a in current.items() for f, p in a.factors().items()}
+    expected.update({f"trainable.{n}": p for n, p in trainable_params(root, state.trainable)})
+    saved_shifts = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("shifts.")]}
+    _check_tensors(directory, expected, tensors)
+    with torch.no_grad():
+        for key, p in expected.items():
+            p.copy_(tensors[key])
+        for name, adapter in current.items():
+            _restore_shift(adapter, saved_shifts.get(f"shifts.{name}.B"), saved_shifts.get(f"shifts.{name}.A"))
+    return model
+
+
+def _restore_shift(adapter, b0: torch.Tensor | None, a0: torch.Tensor | None) -> None:
+    """Make the base weight's shift the saved one: nothing to do when it already is (a
+    deterministic initializer), else undo the current shift and apply the saved one
+    (W exact up to one rounding)."""
+    shift = base_shift(adapter)
+    if shift is None and b0 is None:
+        return
+    if shift is not None and b0 is not None and torch.equal(shift[0], b0) and torch.equal(shift[1], a0):
+        return
+    unshift_base(adapter)
+    if b0 is not None:
+        shift_base(adapter, b0, a0)
 
 
 def _expected_shifts(directory: Path, built, layers: dict[str, Any]) -> dict[str, torch.Tensor]:
