@@ -1,7 +1,9 @@
-"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`."""
+"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`, `unload`."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,9 +16,11 @@ from .errors import ConfigError, GeopeftError, ShapeError, TargetError
 from .interfaces import Adapter, Recipe, factor_names_of
 from .layers import layer_ops
 from .recipes import Resolved, resolve
+from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
 
 STATE_ATTR = "geopeft_state"
+logger = logging.getLogger("geopeft")
 
 
 class AdaptedLayer(nn.Module):
@@ -32,6 +36,8 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled and not self.merged and base_shift(self.adapter) is not None:
+            return add_shift_output(self.adapter, x, out)  # the unshifted base function
         if self.merged or self.disabled:
             return out
         return self.adapter(x, out)
@@ -96,8 +102,9 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
         raise ConfigError(f"rank must be a positive int, got {rank!r}")
     if alpha is not None:
         overrides["alpha"] = alpha
-    resolved = resolve(method, overrides, context=model_context(model))
     found = find_targets(model, targets, exclude)
+    resolved = resolve(method, overrides, context=model_context(model, found))
+    _log_inferred_facts(model, resolved, found)
     trainable = list(trainable or [])
     _check_trainable(model, trainable)
 
@@ -127,15 +134,44 @@ _HIDDEN_SIZE_ATTRS = (("config", "hidden_size"), ("config", "d_model"), ("config
                       (None, "embed_dim"))
 
 
-def model_context(model: nn.Module) -> dict[str, Any]:
+def model_context(model: nn.Module, layers: Sequence[tuple[str, nn.Module]] = ()) -> dict[str, Any]:
     """Facts about `model` that components may take as default options (see
-    `recipes.resolve`): `hidden_size` when the model declares it."""
+    `recipes.resolve`): `hidden_size`, as the model declares it or, when it declares none,
+    inferred from the layers to adapt (`infer_hidden_size`)."""
+    declared = declared_hidden_size(model)
+    inferred = declared or infer_hidden_size(layers)
+    return {"hidden_size": inferred} if inferred else {}
+
+
+def declared_hidden_size(model: nn.Module) -> int | None:
+    """config.hidden_size / d_model / n_embd, or timm's embed_dim; None if none is declared."""
     for holder, attr in _HIDDEN_SIZE_ATTRS:
         obj = getattr(model, holder, None) if holder else model
         value = getattr(obj, attr, None) if obj is not None else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return {"hidden_size": value}
-    return {}
+            return value
+    return None
+
+
+def infer_hidden_size(layers: Sequence[tuple[str, nn.Module]]) -> int | None:
+    """The most common dimension among the layers' (out, in) matrix shapes (ties: the
+    larger): in a transformer the d × d attention projections outvote the MLP's 4d."""
+    counts: Counter[int] = Counter()
+    for _, module in layers:
+        ops = layer_ops(module)
+        if ops is not None:
+            counts.update((ops.m, ops.n))
+    if not counts:
+        return None
+    return max(counts, key=lambda d: (counts[d], d))
+
+
+def _log_inferred_facts(model: nn.Module, resolved: Resolved, found) -> None:
+    d = resolved.model_facts.get("hidden_size")
+    if d is not None and declared_hidden_size(model) is None:
+        logger.info("geopeft: the model declares no hidden size (config.hidden_size); using "
+                    "hidden_size=%d, the most common dimension among the %d adapted layers. Pass "
+                    "hidden_size=<d> to geopeft.adapt to set it.", d, len(found))
 
 
 def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
@@ -175,6 +211,27 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`."""
     for _, layer in _layers_or_error(model):
         layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """The base architecture back, in place: every adapted layer is replaced by its base
+    layer, with ΔW merged into the weight (`merge=True`, as `merge` rounds it: a base weight
+    an initializer shifted becomes W − s·B₀A₀ + ΔW, the fine-tuned weight) or dropped
+    (`merge=False`: the original W, a shift undone up to one rounding), and the geopeft
+    state is removed — `state_dict()` keys and `save_pretrained` are the base model's
+    again. Trained `trainable` modules keep their weights; `requires_grad` flags stay as
+    training left them. Returns `model`."""
+    root = find_root(model)
+    layers = _layers_or_error(model)
+    for name, layer in layers:
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+            unshift_base(layer.adapter)
+        _replace(root, name, layer.base_layer)
+    delattr(root, STATE_ATTR)
     return model
 
 
@@ -244,7 +301,8 @@ def _check_manifold_shapes(name: str, adapter: Adapter) -> None:
 def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
               trainable: Sequence[str]):
     """Freeze the model, wrap each layer with its adapter, unfreeze `trainable`; if the
-    body raises, put every layer and `requires_grad` flag back as it was."""
+    body raises, put every layer and `requires_grad` flag back as it was (and every base
+    weight an initializer shifted, up to one rounding)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -256,6 +314,8 @@ def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
         set_trainable(model, trainable)
         yield
     except BaseException:
+        for _, _, adapter in built:  # an initializer may have shifted base weights
+            unshift_base(adapter)
         for name, module in reversed(done):
             _replace(model, name, module)
         for p, flag in flags:
