@@ -284,11 +284,17 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
 
 
 def _check_manifold_shapes(name: str, adapter: Adapter) -> None:
-    """Every factor fits its manifold (`Manifold.shape_error`), or a ShapeError naming the
-    layer, the factor, its shape and what the manifold needs."""
+    """Every factor fits its manifold (a matrix, and `Manifold.shape_error` accepts its
+    shape), or a ShapeError naming the layer, the factor, its shape and what the manifold
+    needs. Euclidean factors fit any shape."""
     for key, manifold in adapter.factor_manifolds().items():
         shapes = tuple(tuple(getattr(adapter, f).shape) for f in factor_names_of(key))
-        problem = manifold.shape_error(shapes if manifold.coupled else shapes[0])
+        if manifold.is_euclidean:
+            continue
+        if any(len(s) < 2 for s in shapes):  # e.g. usv's S with diag_s=True: a vector (r,)
+            problem = "a manifold acts on matrices (…, n, p), and this factor is not one"
+        else:
+            problem = manifold.shape_error(shapes if manifold.coupled else shapes[0])
         if problem:
             shown = ", ".join(f"{f} {s}" for f, s in zip(factor_names_of(key), shapes))
             raise ShapeError(f"manifold {manifold.name or type(manifold).__name__!r} does not fit "

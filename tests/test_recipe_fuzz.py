@@ -67,11 +67,19 @@ def recipes(draw):
             manifold[f] = pick("manifold", lambda cls: not cls.coupled)
     if len(factors) > 1 and draw(st.booleans()):
         key = draw(st.permutations(factors))[:draw(st.integers(2, len(factors)))]
+        if draw(st.floats(0, 1)) < COMPATIBLE:  # else a factor gets two manifolds: refused
+            manifold = {f: m for f, m in manifold.items() if f not in key}
         manifold[",".join(key)] = pick("manifold", lambda cls: cls.coupled)
+    transforms: list[str] = []
+    for _ in range(draw(st.integers(0, 2))):
+        families = {reg.get("gradient_transform", t).exclusive for t in transforms} - {""}
+        name = pick("gradient_transform",
+                    lambda cls, used=families: needs_factors(cls) and cls.exclusive not in used)
+        if name not in transforms:
+            transforms.append(name)
     overrides = {
         "manifold": manifold,
-        "transforms": list(dict.fromkeys(pick("gradient_transform", needs_factors)
-                                         for _ in range(draw(st.integers(0, 2))))),
+        "transforms": transforms,
         "rank_controller": pick("rank_controller", needs_factors),
         "initializer": _fitting(draw, _initializers(), lambda n: needs_factors(reg.get("initializer", n))),
         "moments": draw(st.sampled_from(["keep", "transport"])),
