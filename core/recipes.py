@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from .errors import ConfigError, IncompatibleComponentsError, did_you_mean
 from .interfaces import (
     Adapter,
@@ -47,17 +49,22 @@ class Resolved:
     initializer: Initializer
 
     def to_json(self) -> dict[str, Any]:
-        """What geopeft.json records: names and options of every part."""
+        """What geopeft.json records: names and options of every part (options as JSON
+        values, see `options_to_json`; ConfigError for one that JSON cannot hold)."""
+        def part(kind: str, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+            return {"name": name, "options": options_to_json(options, f"{kind} {name!r}")}
+
+        recipe = self.recipe
         return {
-            "method": self.recipe.name,
-            "adapter": {"name": self.recipe.adapter, "options": self.adapter_options},
-            "manifolds": {key: {"name": self.recipe.manifolds[key], "options": m.options()}
+            "method": recipe.name,
+            "adapter": part("adapter", recipe.adapter, self.adapter_options),
+            "manifolds": {key: part("manifold", recipe.manifolds[key], m.options())
                           for key, m in self.manifolds.items()},
-            "transforms": [{"name": n, "options": t.options()}
-                           for n, t in zip(self.recipe.transforms, self.transforms)],
-            "rank_controller": {"name": self.recipe.rank_controller,
-                                "options": self.rank_controller.options()},
-            "initializer": {"name": self.recipe.initializer, "options": self.initializer.options()},
+            "transforms": [part("gradient transform", n, t.options())
+                           for n, t in zip(recipe.transforms, self.transforms)],
+            "rank_controller": part("rank controller", recipe.rank_controller,
+                                    self.rank_controller.options()),
+            "initializer": part("initializer", recipe.initializer, self.initializer.options()),
             "riemannian_grad": self.recipe.riemannian_grad,
             "project_every": self.recipe.project_every,
             "moments": self.recipe.moments,
@@ -278,12 +285,60 @@ def _as_list(value: Any) -> list[Any]:
     return list(value)
 
 
+#: how geopeft.json holds a torch.dtype option: {"torch.dtype": "float32"}
+_DTYPE_TAG = "torch.dtype"
+
+
+def options_to_json(options: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """`options` as JSON values: a torch.dtype becomes {"torch.dtype": "float32"}, tuples
+    lists; anything else JSON cannot hold (a tensor, a function, NaN) is a ConfigError
+    naming `owner` and the option."""
+    return {key: _json_value(value, f"option {key!r} of {owner}") for key, value in options.items()}
+
+
+def options_from_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `options_to_json`."""
+    return {key: _from_json_value(value) for key, value in options.items()}
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if isinstance(value, torch.dtype):
+        return {_DTYPE_TAG: str(value).removeprefix("torch.")}
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} is {value}, which geopeft.json cannot hold; use a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v, where) for k, v in value.items()}
+    raise ConfigError(f"{where} is a {type(value).__name__}, which geopeft.json cannot hold: pass "
+                      "a string, number, bool, list, dict or torch.dtype, or register a component "
+                      "whose options are such values")
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_DTYPE_TAG}:
+            dtype = getattr(torch, str(value[_DTYPE_TAG]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ConfigError(f"unknown torch dtype {value[_DTYPE_TAG]!r}")
+            return dtype
+        return {k: _from_json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json_value(v) for v in value]
+    return value
+
+
 def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Resolved:
     """Rebuild a Resolved from `Resolved.to_json()`, each part with its own saved options."""
     reg = registry or get_registry()
 
     def build(kind: str, part: Mapping[str, Any]) -> Any:
-        return _instantiate((part["name"], reg.get(kind, part["name"])), dict(part.get("options", {})))
+        return _instantiate((part["name"], reg.get(kind, part["name"])),
+                            options_from_json(part.get("options", {})))
 
     adapter_name = saved["adapter"]["name"]
     adapter_cls = reg.get("adapter", adapter_name)
@@ -302,7 +357,8 @@ def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Res
         moments=saved["moments"],
     )
     resolved = Resolved(
-        recipe=recipe, adapter_cls=adapter_cls, adapter_options=dict(saved["adapter"]["options"]),
+        recipe=recipe, adapter_cls=adapter_cls,
+        adapter_options=options_from_json(saved["adapter"].get("options", {})),
         manifolds=manifolds, transforms=transforms,
         rank_controller=build("rank_controller", saved["rank_controller"]),
         initializer=build("initializer", saved["initializer"]),
