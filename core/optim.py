@@ -274,7 +274,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
 
     def _retract(self, group: FactorGroup, old: Tensor) -> Tensor:
         point = group.manifold.retract_step(old, group.stacked())
-        group.write(point)
+        group.write(point, "retract_step")
         return point
 
     def _transport_moments(self, group: FactorGroup, old, new) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .layers import layer_ops, why_unsupported
 
 # Output heads that "all-linear" leaves alone (as PEFT does for the output layer).
@@ -39,6 +39,9 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] | None,
     if targets is None:
         raise TargetError("adapt() needs targets=: a list of module names (e.g. ['query', 'value']), "
                           f"a regular expression, or a preset ({', '.join(PRESETS)})")
+    _check_patterns(targets, "targets")
+    if exclude is not None:
+        _check_patterns(exclude, "exclude")
     named = [(n, m) for n, m in _walk(model, skip or set())]
     matches = [(n, m) for n, m in named if n and _matches(n, m, targets)]
     if exclude is not None:
@@ -56,6 +59,20 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] | None,
     if not supported:
         raise TargetError(_nothing_matched(targets, named))
     return supported
+
+
+def _check_patterns(value: str | Sequence[str], label: str) -> None:
+    """A string `value` that is no preset must be a valid regular expression; a list, strings."""
+    if isinstance(value, str):
+        if value not in PRESETS:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"{label}={value!r} is not a valid regular expression ({exc}); "
+                                  "fix the pattern, or pass a list of module names") from exc
+    elif not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{label} must be a string (regular expression or preset) or a list of "
+                          f"module names, got {value!r}")
 
 
 def _walk(model: nn.Module, skip: set[int], prefix: str = ""):

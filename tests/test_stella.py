@@ -351,6 +351,6 @@ def test_minilm_500_adamw_steps_keep_u_and_v_orthonormal(minilm_path, minilm_bat
         opt.zero_grad()
         losses.append(loss.item())
     adapters = [a for _, a in geopeft.adapters(model)]
-    assert all(a.U.dtype == dtype for a in adapters)
+    assert all(a.U.dtype == torch.float32 for a in adapters)  # float32 factors on a bf16 base too
     assert max_violation(adapters) <= bound
     assert losses[-1] < 0.5 * losses[0]
