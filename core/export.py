@@ -2,7 +2,8 @@
 adapter_model.safetensors), loadable by `peft.PeftModel.from_pretrained`.
 
 Any adapter exports exactly through its `to_lora()` two-factor form
-(scaling·B·A = ΔW). Per-layer ranks and scalings go to PEFT's `rank_pattern` and
+(scaling·B·A = ΔW); an adapter whose initializer shifted the base weight (W − s·B₀A₀)
+exports as the LoRA of the original base, [B, −B₀]·[A; A₀] (rank r + r₀). Per-layer ranks and scalings go to PEFT's `rank_pattern` and
 `alpha_pattern`; `trainable` modules go to `modules_to_save`. Writing the files
 needs neither peft nor pickle.
 """
@@ -25,6 +26,7 @@ from geopeft.kernels import full
 from .atomic import write_directory
 from .errors import CheckpointError, GeopeftError
 from .model import adapted_layers, adapters, find_root, find_state, trainable_params
+from .shift import lora_of_original_base
 
 PREFIX = "base_model.model."
 
@@ -43,7 +45,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     alphas: dict[str, float] = {}
     fan_in_fan_out = False
     for name, adapter in pairs:
-        b, a = (full(t).detach().contiguous().cpu() for t in adapter.to_lora())
+        # a shifted base (PiSSA, LoRA-GA, CG-LoRA shift) exports as the exact LoRA of the
+        # original base: rank r + r0, [B, -B0]·[A; A0]
+        b, a = (full(t).detach().contiguous().cpu() for t in lora_of_original_base(adapter))
         kind = adapter.ops.kind
         if kind == "embedding":
             tensors[f"{PREFIX}{name}.lora_embedding_A"] = a

@@ -50,6 +50,7 @@ class Manifold(abc.ABC):
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
     post_step: ClassVar[str] = "retract"
+    POST_STEPS: ClassVar[tuple[str, ...]] = ("retract", "project")
     #: True when M is a cone (c·x ∈ M for x ∈ M, c > 0): weight decay keeps factors on M,
     #: so the optimizer leaves their weight decay as the param groups say.
     scale_invariant: ClassVar[bool] = False
@@ -72,8 +73,11 @@ class Manifold(abc.ABC):
 
     def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
         """The point after the base optimizer moved x to `new` (off the manifold): by
-        default retract(x, project_tangent(x, new − x)). Override to change the step
-        (StelLA scales it) or to fuse the two into one faster kernel."""
+        default retract(x, project_tangent(x, new − x)), factor by factor for a coupled
+        manifold's tuples. Override to change the step (StelLA scales it) or to fuse the
+        two into one faster kernel."""
+        if self.coupled:
+            return self.retract(x, self.project_tangent(x, tuple(n - o for n, o in zip(new, x))))
         return self.retract(x, self.project_tangent(x, new - x))
 
     @abc.abstractmethod
@@ -213,13 +217,18 @@ class Adapter(nn.Module, abc.ABC):
         """(B (m, r), A (r, n)) with `scaling * B @ A` equal to ΔW as an (m, n) matrix."""
 
     @torch.no_grad()
-    def resize(self, new_rank: int, keep: Tensor | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    def resize(self, new_rank: int, keep: Tensor | None = None, *,
+               basis: Mapping[str, Sequence[Tensor]] | None = None,
+               values: Mapping[str, Tensor] | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """Change the rank, keeping the rank-indices `keep` (default: the leading ones)
-        and zero-filling new ones. Each factor becomes a new Parameter (autograd caches a
-        leaf's shape, so a leaf cannot change shape in place); returns {factor: (old, new)}
-        so an optimizer can follow — `GeometricOptimizer.resize` does. `scaling` does not
-        change: a rank change must not rescale the output."""
-        from geopeft.kernels import resize_along
+        and zero-filling new ones — or, with `basis`, mapping each factor along its rank
+        dims by a change of basis ({factor: one (rank, new_rank) matrix per rank dim, in
+        `rank_dims` order}); `values` ({factor: tensor}) gives new factors outright (a rank
+        controller that computed them batched). Each factor becomes a new Parameter (autograd
+        caches a leaf's shape, so a leaf cannot change shape in place); returns
+        {factor: (old, new)} so an optimizer can follow — `GeometricOptimizer.resize` does.
+        `scaling` does not change: a rank change must not rescale the output."""
+        from geopeft.kernels import change_basis, resize_along
 
         check_rank(new_rank, "new rank")
         if keep is not None:
@@ -229,10 +238,27 @@ class Adapter(nn.Module, abc.ABC):
                     or len(torch.unique(keep)) != len(keep)):
                 raise ShapeError(f"keep must be distinct rank indices in [0, {self.rank}), at most "
                                  f"{new_rank} of them (the new rank); got {keep.tolist()}")
+        new_values = {}
+        for name, old in self.factors().items():
+            dims = self.rank_dims[name]
+            shape = [new_rank if d in dims else s for d, s in enumerate(old.shape)]
+            if values is not None and name in values:
+                value = values[name].detach()
+            elif basis is not None and name in basis:
+                mats = basis[name]
+                if len(mats) != len(dims) or any(tuple(b.shape) != (self.rank, new_rank) for b in mats):
+                    raise ShapeError(f"basis for factor {name!r} must be {len(dims)} matri(ces) of shape "
+                                     f"({self.rank}, {new_rank}), got {[tuple(b.shape) for b in mats]}")
+                value = change_basis(old.detach()[None], dims, [b[None] for b in mats])[0]
+            else:
+                value = resize_along(old.detach(), dims, new_rank, keep)
+            if list(value.shape) != shape:
+                raise ShapeError(f"new value of factor {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(shape)} for rank {new_rank}")
+            new_values[name] = value.to(dtype=old.dtype, device=old.device).contiguous()
         swapped = {}
         for name, old in self.factors().items():
-            new = nn.Parameter(resize_along(old.detach(), self.rank_dims[name], new_rank, keep),
-                               requires_grad=old.requires_grad)
+            new = nn.Parameter(new_values[name], requires_grad=old.requires_grad)
             setattr(self, name, new)
             swapped[name] = (old, new)
         self.rank = new_rank
@@ -298,11 +324,27 @@ class RankController(abc.ABC):
     name: ClassVar[str] = ""
     #: True when it never changes a rank: the optimizer does not call it.
     static: ClassVar[bool] = False
+    #: factors it needs of the adapter; adapt() refuses an adapter that lacks one.
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
     def step(self, step: int, adapters: Sequence[tuple[str, Adapter]],
              optimizer: Any) -> dict[str, int] | None:
-        """Apply rank changes (through `optimizer.resize`); return {module name: new rank}."""
+        """Apply rank changes (through `optimizer.resize` / `resize_many`); return
+        {module name: new rank}. `step` counts the optimizer steps taken, this one included."""
+
+    def before_step(self, step: int, adapters: Sequence[tuple[str, Adapter]],  # noqa: B027
+                    optimizer: Any) -> None:
+        """Called before the gradient transforms, with the gradients of the user's backward
+        pass as they are (`step`: the steps taken before this one). A controller that needs
+        the raw gradients reads them here; one that moves some factors itself clears their
+        gradients (`p.grad = None`): the base optimizer and the geometric stages then leave
+        those factors alone. Default: nothing."""
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer,  # noqa: B027
+                        adapters: Sequence[tuple[str, Adapter]]) -> None:
+        """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
+        `ConfigError` for adapters or an optimizer it cannot work with. Default: any."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -312,6 +354,20 @@ class RankController(abc.ABC):
 
     def options(self) -> dict[str, Any]:
         return {}
+
+
+@dataclass
+class RankChange:
+    """One layer's rank change for `GeometricOptimizer.resize_many`: the module name, the
+    new rank, and how the rank space maps (see `Adapter.resize`): kept indices `keep`, or
+    a change of `basis` ({factor: one (rank, new rank) matrix per rank dim}); `values`
+    optionally gives the new factors outright."""
+
+    name: str
+    rank: int
+    keep: Tensor | None = None
+    basis: Mapping[str, Sequence[Tensor]] | None = None
+    values: Mapping[str, Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- Initializer
@@ -340,6 +396,9 @@ class Recipe:
     `manifolds` maps factor names (or tuples for coupled manifolds) to manifold
     names and overrides the adapter's `default_manifolds`. `options` are keyword
     defaults handed to whichever components accept them (e.g. `rslora`, `dropout`).
+    `lr` is the learning rate the method recommends (from its paper or from a sweep
+    recorded in docs/benchmarks.md); the `train` / `compare` jobs use it unless the
+    config sets one. It is advice for the optimizer, not part of the adapted model.
     """
 
     name: str
@@ -353,6 +412,7 @@ class Recipe:
     moments: str = "keep"
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    lr: float | None = None
 
     MOMENTS: ClassVar[tuple[str, ...]] = ("keep", "transport")
 

@@ -14,6 +14,7 @@ from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
 from .layers import layer_ops
 from .recipes import Resolved, resolve
+from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
 
 STATE_ATTR = "geopeft_state"
@@ -32,6 +33,8 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled and not self.merged and base_shift(self.adapter) is not None:
+            return add_shift_output(self.adapter, x, out)  # the unshifted base function
         if self.merged or self.disabled:
             return out
         return self.adapter(x, out)
@@ -251,7 +254,8 @@ def _check_manifolds_fit(resolved: Resolved, layer: str, adapter: Adapter) -> No
 def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
               trainable: Sequence[str]):
     """Freeze the model, wrap each layer with its adapter, unfreeze `trainable`; if the
-    body raises, put every layer and `requires_grad` flag back as it was."""
+    body raises, put every layer and `requires_grad` flag back as it was (and every base
+    weight an initializer shifted, up to one rounding)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -263,6 +267,8 @@ def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
         set_trainable(model, trainable)
         yield
     except BaseException:
+        for _, _, adapter in built:  # an initializer may have shifted base weights
+            unshift_base(adapter)
         for name, module in reversed(done):
             _replace(model, name, module)
         for p, flag in flags:

@@ -94,6 +94,9 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
             setattr(recipe, key, value)
         elif key in ("name", "description", "options"):
             raise ConfigError(f"{key!r} cannot be overridden")
+        elif key == "lr":
+            raise ConfigError("lr is the optimizer's: pass it to geopeft.optimizer(model, ..., lr=...), "
+                              "not to adapt")
         else:
             options[key] = value
     _check_recipe_values(recipe)
@@ -149,6 +152,10 @@ def check_compatible(resolved: Resolved) -> None:
             raise IncompatibleComponentsError(
                 f"manifold {recipe.manifolds[key]!r} is set for factor {key!r}, but adapter "
                 f"{adapter!r} has factors {have_text}")
+        if manifold.post_step not in Manifold.POST_STEPS:
+            raise IncompatibleComponentsError(
+                f"manifold {recipe.manifolds[key]!r} has post_step={manifold.post_step!r}; the "
+                f"optimizer knows {', '.join(map(repr, Manifold.POST_STEPS))}: fix the manifold class")
         if manifold.coupled != (len(names) > 1):
             kind = "couples several factors" if manifold.coupled else "takes one factor"
             raise IncompatibleComponentsError(
@@ -156,6 +163,7 @@ def check_compatible(resolved: Resolved) -> None:
                 f"assigns it to {key!r}")
     parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
     parts.append(("initializer", recipe.initializer, resolved.initializer))
+    parts.append(("rank controller", recipe.rank_controller, resolved.rank_controller))
     for label, name, part in parts:
         missing = sorted(set(part.requires) - have)
         if missing:

@@ -1,7 +1,9 @@
 """`save` and `load`: adapter.safetensors + geopeft.json. Never unpickles.
 
-adapter.safetensors holds `adapters.<layer>.<factor>` for every factor and
-`trainable.<parameter>` for the parameters of `trainable` modules.
+adapter.safetensors holds `adapters.<layer>.<factor>` for every factor,
+`trainable.<parameter>` for the parameters of `trainable` modules and, for a layer
+whose base weight an initializer shifted, `shifts.<layer>.B` / `.A` (its
+`shift_rank` is in geopeft.json; `load` replays W ← W − s·B₀·A₀ bit for bit).
 geopeft.json holds the format version, the versions of geopeft and torch, the
 resolved recipe (every component's name and options) and, per layer, its
 rank, kind, matrix shape and factor dtype — everything `load` needs to rebuild
@@ -39,6 +41,7 @@ from .model import (
 )
 from .recipes import from_json
 from .saved_config import check_config
+from .shift import base_shift, shift_base
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "geopeft.json"
@@ -60,6 +63,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
                         "weight_shape": list(adapter.base_layer.weight.shape),
                         "dtype": str(adapter.factor_dtype).removeprefix("torch.")}
+        shift = base_shift(adapter)
+        if shift is not None:  # the initializer's W ← W − s·B0·A0, replayed by load
+            tensors[f"shifts.{name}.B"] = full(shift[0]).detach().contiguous().cpu()
+            tensors[f"shifts.{name}.A"] = full(shift[1]).detach().contiguous().cpu()
+            layers[name]["shift_rank"] = int(shift[0].shape[1])
     for pname, p in trainable_params(model, state.trainable):
         tensors[f"trainable.{pname}"] = full(p).detach().contiguous().cpu()
     config = {
@@ -148,14 +156,33 @@ def restore(model: nn.Module, directory: Path, config: dict[str, Any],
                 for n, _, a in built for f, p in a.factors().items()}
     expected.update({f"trainable.{n}": (p, f"the model's parameter {n!r}")
                      for n, p in trainable_params(model, state.trainable)})
+    shifts = _expected_shifts(built, layers)
+    expected.update(shifts)
     _check_tensors(directory, expected, tensors)  # every check before the model changes
     with torch.no_grad():
         for key, (p, _) in expected.items():
             p.copy_(tensors[key])
     with installed(model, built, trainable):
-        pass
+        for name, _, adapter in built:
+            if f"shifts.{name}.B" in shifts:
+                shift_base(adapter, shifts[f"shifts.{name}.B"][0], shifts[f"shifts.{name}.A"][0])
     setattr(model, STATE_ATTR, state)
     return model
+
+
+def _expected_shifts(built, layers: dict[str, Any]) -> dict[str, tuple[torch.Tensor, str]]:
+    """Empty tensors of the saved base shifts' shapes and dtypes, keyed as in the file."""
+    shifts = {}
+    for name, _, adapter in built:
+        r0 = layers[name].get("shift_rank")
+        if r0 is None:
+            continue
+        m, n = adapter.shape
+        kw = {"dtype": adapter.factor_dtype, "device": adapter.factor_device}
+        what = f"the base-weight shift {{}} of layer {name!r} (shift_rank {r0} in {CONFIG})"
+        shifts[f"shifts.{name}.B"] = (torch.empty(m, r0, **kw), what.format("B0"))
+        shifts[f"shifts.{name}.A"] = (torch.empty(r0, n, **kw), what.format("A0"))
+    return shifts
 
 
 def _parse_config(directory: Path, data: bytes | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from .balanced import (
     default_rank_rtol,
     push_through_basis_change,
 )
-from .batched import assign_, full, resize_along, stack_fp32, write_stacked
+from .batched import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
 from .lorapro import equivalent_gradient, lorapro_adjust, lorapro_equivalent_gradient
 from .stiefel import (
     POLAR_METHODS,
@@ -29,7 +29,7 @@ from .stiefel import (
 
 __all__ = [
     "POLAR_METHODS", "Balanced", "assign_", "balance", "balance_violation", "balanced_tangent",
-    "canonical_rgrad", "cayley_retract", "default_rank_rtol", "equivalent_gradient", "full",
+    "canonical_rgrad", "cayley_retract", "change_basis", "default_rank_rtol", "equivalent_gradient", "full",
     "gram_violation", "inv_sqrt_newton_schulz", "lorapro_adjust", "lorapro_equivalent_gradient", "polar",
     "polar_retract", "polar_retract_step", "push_through_basis_change", "qr_retract", "random_stiefel",
     "resize_along",

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from geopeft import Adapter
-
-
-def lora_init_(adapter: Adapter) -> None:
-    """PEFT's init: A Kaiming-uniform (a=√5), B zero; for embeddings A zero, B normal."""
-    with torch.no_grad():
-        if adapter.ops.kind == "embedding":
-            nn.init.zeros_(adapter.A)
-            nn.init.normal_(adapter.B)
-        else:
-            nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
-            nn.init.zeros_(adapter.B)
+from geopeft.builtins import lora_init_
 
 
 class LoRAAdapter(Adapter):
