@@ -88,6 +88,7 @@ class GeometricOptimizer(WrappedOptimizer):
         self.consecutive_skips = 0  # skipped steps since the last step taken
         self._warned_nonfinite = False
         self._check_factors_are_optimized()
+        self._check_eps_representable()
         self._no_weight_decay_on_manifolds()
         for transform in self.transforms:
             transform.check_optimizer(inner, [a for _, a in self.named_adapters])
@@ -130,6 +131,23 @@ class GeometricOptimizer(WrappedOptimizer):
                         f"factor {fname!r} of the adapter on {name!r} is trainable but in none of the "
                         "optimizer's param groups; build the optimizer over the model's trainable "
                         "parameters (geopeft.optimizer(model, torch.optim.AdamW, ...))")
+
+    def _check_eps_representable(self) -> None:
+        """Adam-type optimizers step a float16 parameter in float16: an `eps` that rounds to
+        0 there (AdamW's 1e-8) makes 0/0 = NaN wherever a gradient is 0."""
+        factors = {id(p): (name, f) for name, a in self.named_adapters for f, p in a.factors().items()}
+        for group in self.param_groups:
+            eps = group.get("eps")
+            if not isinstance(eps, float) or eps <= 0 or torch.tensor(eps, dtype=torch.float16).item():
+                continue
+            for p in group["params"]:
+                if p.dtype == torch.float16 and id(p) in factors:
+                    name, f = factors[id(p)]
+                    raise ConfigError(
+                        f"factor {f!r} of the adapter on {name!r} is float16, and the optimizer's "
+                        f"eps={eps} is 0 in float16: its first step would divide 0 by 0 and make the "
+                        "factor NaN. Keep factors float32 (the default on float16 models: drop "
+                        "dtype=torch.float16) or pass eps >= 1e-7")
 
     def _no_weight_decay_on_manifolds(self) -> None:
         """Factors on non-Euclidean manifolds get weight_decay 0 whatever the groups say:
