@@ -29,6 +29,7 @@ from .interfaces import (
     RankChange,
     RankController,
     Recipe,
+    TargetPreset,
 )
 
 __version__ = "0.1.0"
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 def components() -> dict[str, list[str]]:
     """Registered component names by kind: adapter, manifold, gradient_transform,
-    rank_controller, initializer, method."""
+    rank_controller, initializer, method, target_preset."""
     from .registry import get_registry
 
     return get_registry().components()
@@ -50,7 +51,8 @@ def register(kind: str, name: str, obj: Any, *, replace: bool = False) -> Any:
         geopeft.register("manifold", "unit_columns", UnitColumns)
         geopeft.register("method", "my_lora", geopeft.Recipe(name="my_lora", ...))
 
-    kind: adapter, manifold, gradient_transform, rank_controller, initializer or method.
+    kind: adapter, manifold, gradient_transform, rank_controller, initializer, method or
+    target_preset.
     `replace=True` replaces your own earlier registration of `name`. Returns `obj`."""
     from .registry import get_registry
 
@@ -68,14 +70,16 @@ def unregister(kind: str, name: str) -> None:
 # imported after the interfaces: these modules use them
 from .calibration import LayerStats, calibrate  # noqa: E402
 from .export import export_peft  # noqa: E402
-from .model import adapt, adapters, disable_adapters, merge, unmerge  # noqa: E402
+from .model import adapt, adapters, disable_adapters, merge, unload, unmerge  # noqa: E402
 from .optim import GeometricOptimizer, optimizer  # noqa: E402
+from .peft_import import import_peft  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
-    "LayerStats", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "UnknownComponentError",
-    "adapt", "adapters", "calibrate", "components", "disable_adapters", "export_peft", "hookimpl", "load",
-    "merge", "optimizer", "register", "save", "unmerge", "unregister",
+    "LayerStats", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "TargetPreset",
+    "UnknownComponentError", "adapt", "adapters", "calibrate", "components", "disable_adapters",
+    "export_peft", "hookimpl", "import_peft", "load", "merge", "optimizer", "register", "save", "unload",
+    "unmerge", "unregister",
 ]

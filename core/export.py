@@ -95,7 +95,7 @@ def export_saved(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     model: the adapters are rebuilt on weightless (meta) stand-ins of their base layers,
     their factors materialised on the CPU from the saved values."""
     from .layers import stub_layer
-    from .serialization import read_checkpoint, restore
+    from .serialization import install, read_checkpoint
 
     src = Path(src)
     config, tensors = read_checkpoint(src)
@@ -111,7 +111,7 @@ def export_saved(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             mname, _, pname = key.removeprefix("trainable.").rpartition(".")
             with _named_as(src, f"tensor {key!r}"):
                 _get_or_make(stub, mname).register_parameter(pname, nn.Parameter(torch.empty_like(t)))
-    return export_peft(restore(stub, src, config, tensors, materialize="cpu"), dst)
+    return export_peft(install(stub, src, config, tensors, materialize="cpu"), dst)
 
 
 @contextmanager

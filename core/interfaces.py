@@ -389,30 +389,46 @@ class Initializer(abc.ABC):
 
 
 # --------------------------------------------------------------------------- Recipe
+def _part(kind: str, **kw: Any) -> Any:
+    """A Recipe field naming component(s) of `kind`: overridable by name or instance."""
+    return field(metadata={"part": kind}, **kw)
+
+
+def _setting(**kw: Any) -> Any:
+    """A Recipe field that configures the step: overridable, saved with the recipe."""
+    return field(metadata={"setting": True}, **kw)
+
+
 @dataclass
 class Recipe:
     """A named method: which components, with defaults. Every part can be overridden.
 
     `manifolds` maps factor names (or tuples for coupled manifolds) to manifold
     names and overrides the adapter's `default_manifolds`. `options` are keyword
-    defaults handed to whichever components accept them (e.g. `rslora`, `dropout`).
+    defaults handed to whichever of the recipe's components accept them (e.g.
+    `rslora`, `dropout`); one no component takes (after an override replaced the
+    component that did) is dropped.
     `lr` is the learning rate the method recommends (from its paper or from a sweep
     recorded in docs/benchmarks.md); the `train` / `compare` jobs use it unless the
     config sets one. It is advice for the optimizer, not part of the adapted model.
+
+    Which fields are component parts (`parts()`) and which are step settings
+    (`settings()`) is read off the field metadata: override handling and the
+    saved JSON follow from it.
     """
 
     name: str
-    adapter: str = "lora"
-    manifolds: dict[str, str] = field(default_factory=dict)
-    transforms: list[str] = field(default_factory=list)
-    rank_controller: str = "fixed"
-    initializer: str = "lora"
-    riemannian_grad: bool = True
-    project_every: int = 1
-    moments: str = "keep"
+    adapter: str = _part("adapter", default="lora")
+    manifolds: dict[str, str] = _part("manifold", default_factory=dict)
+    transforms: list[str] = _part("gradient_transform", default_factory=list)
+    rank_controller: str = _part("rank_controller", default="fixed")
+    initializer: str = _part("initializer", default="lora")
+    riemannian_grad: bool = _setting(default=True)
+    project_every: int = _setting(default=1)
+    moments: str = _setting(default="keep")
+    lr: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    lr: float | None = None
 
     MOMENTS: ClassVar[tuple[str, ...]] = ("keep", "transport")
 
@@ -422,3 +438,43 @@ class Recipe:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def parts(cls) -> dict[str, str]:
+        """{field: component kind} for the fields that name components."""
+        return {f.name: f.metadata["part"] for f in fields(cls) if "part" in f.metadata}
+
+    @classmethod
+    def settings(cls) -> list[str]:
+        """The fields that configure the step (riemannian_grad, project_every, moments)."""
+        return [f.name for f in fields(cls) if f.metadata.get("setting")]
+
+
+# --------------------------------------------------------------------------- TargetPreset
+@dataclass(frozen=True)
+class TargetPreset:
+    """Default `targets` for a family of models, used by `adapt` when `targets` is omitted.
+
+    A preset matches a model by its HF `config.model_type` (`model_types`) or by the
+    fully qualified name of its class or of a base class (`classes`, e.g.
+    "timm.models.vision_transformer.VisionTransformer"), read off the model: matching
+    imports nothing, so a plugin of presets needs none of the libraries it describes.
+    `targets` is what `adapt(targets=...)` takes: module names (PEFT's suffix rule) or a
+    regular expression.
+    """
+
+    name: str
+    targets: tuple[str, ...] | str
+    model_types: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    description: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if isinstance(model_type, str) and model_type in self.model_types:
+            return True
+        return any(f"{c.__module__}.{c.__qualname__}" in self.classes for c in type(model).__mro__)
+
+    def select(self) -> str | list[str]:
+        """The `targets` value for `adapt`."""
+        return self.targets if isinstance(self.targets, str) else list(self.targets)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .interfaces import Adapter, GradientTransform, Initializer, Manifold, RankController, Recipe
+from .interfaces import (
+    Adapter,
+    GradientTransform,
+    Initializer,
+    Manifold,
+    RankController,
+    Recipe,
+    TargetPreset,
+)
 
 
 @dataclass(frozen=True)
@@ -37,4 +45,6 @@ KINDS: dict[str, ComponentKind] = {k.name: k for k in (
     ComponentKind("rank_controller", "register_rank_controllers", RankController),
     ComponentKind("initializer", "register_initializers", Initializer),
     ComponentKind("method", "register_methods", Recipe, instance=True),
+    # default `targets` for a model family (integrations register them; see targets.preset_for)
+    ComponentKind("target_preset", "register_target_presets", TargetPreset, instance=True),
 )}

@@ -1,7 +1,9 @@
-"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`."""
+"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`, `unload`."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
 
 STATE_ATTR = "geopeft_state"
+logger = logging.getLogger("geopeft")
 
 
 class AdaptedLayer(nn.Module):
@@ -102,7 +105,6 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
         raise ConfigError(str(exc)) from exc
     if alpha is not None:
         overrides["alpha"] = alpha
-    resolved = resolve(method, overrides, context=model_context(model))
     found = find_targets(model, targets, exclude)
     on_meta = [name for name, module in found if module.weight.is_meta]
     if on_meta:
@@ -110,6 +112,8 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
                           "adapt initialises factors from real values; materialise the model first "
                           "(model.to_empty(device=...) and load its weights), then adapt — or, to "
                           "restore a saved adapter, geopeft.load it onto the materialised model")
+    resolved = resolve(method, overrides, context=model_context(model, found))
+    _log_inferred_facts(model, resolved, found)
     trainable = list(trainable or [])
     _check_trainable(model, trainable)
 
@@ -139,15 +143,44 @@ _HIDDEN_SIZE_ATTRS = (("config", "hidden_size"), ("config", "d_model"), ("config
                       (None, "embed_dim"))
 
 
-def model_context(model: nn.Module) -> dict[str, Any]:
+def model_context(model: nn.Module, layers: Sequence[tuple[str, nn.Module]] = ()) -> dict[str, Any]:
     """Facts about `model` that components may take as default options (see
-    `recipes.resolve`): `hidden_size` when the model declares it."""
+    `recipes.resolve`): `hidden_size`, as the model declares it or, when it declares none,
+    inferred from the layers to adapt (`infer_hidden_size`)."""
+    declared = declared_hidden_size(model)
+    inferred = declared or infer_hidden_size(layers)
+    return {"hidden_size": inferred} if inferred else {}
+
+
+def declared_hidden_size(model: nn.Module) -> int | None:
+    """config.hidden_size / d_model / n_embd, or timm's embed_dim; None if none is declared."""
     for holder, attr in _HIDDEN_SIZE_ATTRS:
         obj = getattr(model, holder, None) if holder else model
         value = getattr(obj, attr, None) if obj is not None else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return {"hidden_size": value}
-    return {}
+            return value
+    return None
+
+
+def infer_hidden_size(layers: Sequence[tuple[str, nn.Module]]) -> int | None:
+    """The most common dimension among the layers' (out, in) matrix shapes (ties: the
+    larger): in a transformer the d × d attention projections outvote the MLP's 4d."""
+    counts: Counter[int] = Counter()
+    for _, module in layers:
+        ops = layer_ops(module)
+        if ops is not None:
+            counts.update((ops.m, ops.n))
+    if not counts:
+        return None
+    return max(counts, key=lambda d: (counts[d], d))
+
+
+def _log_inferred_facts(model: nn.Module, resolved: Resolved, found) -> None:
+    d = resolved.model_facts.get("hidden_size")
+    if d is not None and declared_hidden_size(model) is None:
+        logger.info("geopeft: the model declares no hidden size (config.hidden_size); using "
+                    "hidden_size=%d, the most common dimension among the %d adapted layers. Pass "
+                    "hidden_size=<d> to geopeft.adapt to set it.", d, len(found))
 
 
 def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
@@ -187,6 +220,27 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`."""
     for _, layer in _layers_or_error(model):
         layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """The base architecture back, in place: every adapted layer is replaced by its base
+    layer, with ΔW merged into the weight (`merge=True`, as `merge` rounds it: a base weight
+    an initializer shifted becomes W − s·B₀A₀ + ΔW, the fine-tuned weight) or dropped
+    (`merge=False`: the original W, a shift undone up to one rounding), and the geopeft
+    state is removed — `state_dict()` keys and `save_pretrained` are the base model's
+    again. Trained `trainable` modules keep their weights; `requires_grad` flags stay as
+    training left them. Returns `model`."""
+    root = find_root(model)
+    layers = _layers_or_error(model)
+    for name, layer in layers:
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+            unshift_base(layer.adapter)
+        _replace(root, name, layer.base_layer)
+    delattr(root, STATE_ATTR)
     return model
 
 

@@ -219,6 +219,10 @@ class Registry:
         warnings.warn(f"geopeft plugin {plugin!r}: {message}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ lookup
+    def items(self, kind: str) -> list[tuple[str, Any]]:
+        """[(name, registered object)] of `kind`, in registration order."""
+        return [(name, entry.obj) for name, entry in self._table(kind).items()]
+
     def names(self, kind: str) -> list[str]:
         return sorted(self._table(kind))
 

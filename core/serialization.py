@@ -41,7 +41,7 @@ from .model import (
 )
 from .recipes import from_json
 from .saved_config import check_config
-from .shift import base_shift, shift_base
+from .shift import base_shift, shift_base, unshift_base
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "geopeft.json"
@@ -52,8 +52,11 @@ FORMAT_VERSION = 1
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's adapters (and `trainable` modules) to directory `path`, atomically:
     a reader of `path` finds the previous checkpoint or this one, never a mix of the two
-    (see `geopeft.atomic`). Other files already in the directory are kept."""
+    (see `geopeft.atomic`); other files already in the directory are kept. Every component
+    is recorded by its registered name; one that is not registered (a class from user code:
+    `geopeft.register` it) is refused before anything is written."""
     state = _state_or_error(model)
+    described = state.to_json()  # refuses an unregistered component before anything is written
     model = find_root(model)  # names relative to the adapted model, not to a DDP wrapper
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
@@ -74,7 +77,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "versions": {"geopeft": _version(), "torch": torch.__version__},
-        **state.to_json(),
+        **described,
         "layers": layers,
     }
     # everything is serialised before the first byte is written
@@ -91,7 +94,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise GeopeftError("this model already has geopeft adapters; load into a fresh base model")
     directory = Path(path)
     config, tensors = read_checkpoint(directory)
-    return restore(model, directory, config, tensors)
+    return install(model, directory, config, tensors)
 
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -111,7 +114,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     return _parse_config(directory, read_files(directory, [CONFIG])[CONFIG])
 
 
-def restore(model: nn.Module, directory: Path, config: dict[str, Any],
+def install(model: nn.Module, directory: Path, config: dict[str, Any],
             tensors: dict[str, torch.Tensor], materialize: torch.device | str | None = None) -> nn.Module:
     """Install the checkpoint (`config`, `tensors`, read from `directory`) on `model`.
     Target layers on the meta device are refused, unless `materialize` names the device
@@ -151,11 +154,7 @@ def restore(model: nn.Module, directory: Path, config: dict[str, Any],
             adapter.factor_device = torch.device(materialize)
     trainable = list(config.get("trainable", []))
     state = AdaptState(resolved, config["rank"], config.get("alpha"), trainable)
-    expected = {f"adapters.{n}.{f}": (p, f"factor {f} of the adapter on layer {n!r} "
-                                         f"({a.ops.kind} {a.ops.m}x{a.ops.n}, rank {a.rank} in {CONFIG})")
-                for n, _, a in built for f, p in a.factors().items()}
-    expected.update({f"trainable.{n}": (p, f"the model's parameter {n!r}")
-                     for n, p in trainable_params(model, state.trainable)})
+    expected = _described([(n, a) for n, _, a in built], trainable_params(model, state.trainable))
     shifts = _expected_shifts(built, layers)
     expected.update(shifts)
     _check_tensors(directory, expected, tensors)  # every check before the model changes
@@ -168,6 +167,62 @@ def restore(model: nn.Module, directory: Path, config: dict[str, Any],
                 shift_base(adapter, shifts[f"shifts.{name}.B"][0], shifts[f"shifts.{name}.A"][0])
     setattr(model, STATE_ATTR, state)
     return model
+
+
+def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapters and `trainable` modules saved in `path` back into `model`, which
+    already carries adapters of the same layers and recipe (a training run resuming from
+    a checkpoint): adapters whose saved rank differs are resized first. In place."""
+    state = _state_or_error(model)
+    root = find_root(model)
+    directory = Path(path)
+    config, tensors = read_checkpoint(directory)
+    if config["recipe"] != json.loads(json.dumps(state.resolved.to_json())):
+        raise CheckpointError(f"{directory} was saved with recipe {config['recipe'].get('method')!r} "
+                              f"and other components or options than this model's "
+                              f"({state.resolved.recipe.name!r}); restore into the model it was "
+                              "trained as, or geopeft.load it onto a fresh base model")
+    current = dict(adapters(root))
+    if set(config["layers"]) != set(current):
+        raise CheckpointError(f"{directory} holds adapters for other layers than this model's; "
+                              "restore into the model it was trained as")
+    for name, info in config["layers"].items():
+        if current[name].rank != info["rank"]:
+            current[name].resize(info["rank"])
+    expected = _described(current.items(), trainable_params(root, state.trainable))
+    saved_shifts = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("shifts.")]}
+    for key, t in saved_shifts.items():
+        _check_finite(directory, key, t)
+    _check_tensors(directory, expected, tensors)
+    with torch.no_grad():
+        for key, (p, _) in expected.items():
+            p.copy_(tensors[key])
+        for name, adapter in current.items():
+            _restore_shift(adapter, saved_shifts.get(f"shifts.{name}.B"), saved_shifts.get(f"shifts.{name}.A"))
+    return model
+
+
+def _restore_shift(adapter, b0: torch.Tensor | None, a0: torch.Tensor | None) -> None:
+    """Make the base weight's shift the saved one: nothing to do when it already is (a
+    deterministic initializer), else undo the current shift and apply the saved one
+    (W exact up to one rounding)."""
+    shift = base_shift(adapter)
+    if shift is None and b0 is None:
+        return
+    if shift is not None and b0 is not None and torch.equal(shift[0], b0) and torch.equal(shift[1], a0):
+        return
+    unshift_base(adapter)
+    if b0 is not None:
+        shift_base(adapter, b0, a0)
+
+
+def _described(named_adapters, trainable) -> dict[str, tuple[torch.Tensor, str]]:
+    """{key in adapter.safetensors: (the model's tensor it fills, what that tensor is)}."""
+    expected = {f"adapters.{n}.{f}": (p, f"factor {f} of the adapter on layer {n!r} "
+                                         f"({a.ops.kind} {a.ops.m}x{a.ops.n}, rank {a.rank} in {CONFIG})")
+                for n, a in named_adapters for f, p in a.factors().items()}
+    expected.update({f"trainable.{n}": (p, f"the model's parameter {n!r}") for n, p in trainable})
+    return expected
 
 
 def _expected_shifts(built, layers: dict[str, Any]) -> dict[str, tuple[torch.Tensor, str]]:
@@ -260,11 +315,15 @@ def _check_tensors(directory: Path, expected: dict[str, tuple[torch.Tensor, str]
             raise CheckpointError(f"{file}: the saved tensor {key!r} is {t.dtype} {tuple(t.shape)}, but "
                                   f"{what} is {p.dtype} {tuple(p.shape)}; the checkpoint does not belong "
                                   "to this model (or its two files do not belong together)")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(f"{file}: the saved tensor {key!r} holds {bad} NaN or Inf "
-                                  "value(s); the checkpoint is damaged: save it again from a model "
-                                  "whose weights are finite")
+        _check_finite(directory, key, t)
+
+
+def _check_finite(directory: Path, key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{directory}/{WEIGHTS}: the saved tensor {key!r} holds {bad} NaN or Inf "
+                              "value(s); the checkpoint is damaged: save it again from a model "
+                              "whose weights are finite")
 
 
 def _state_or_error(model: nn.Module) -> AdaptState:

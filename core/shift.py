@@ -55,6 +55,12 @@ def unshift_base(adapter: Adapter) -> None:
     del adapter._buffers["shift_B"], adapter._buffers["shift_A"]
 
 
+def forget_shift(adapter: Adapter) -> None:
+    """Drop the record of a shift without touching W (the caller put W back itself)."""
+    adapter._buffers.pop("shift_B", None)
+    adapter._buffers.pop("shift_A", None)
+
+
 def add_shift_output(adapter: Adapter, x: Tensor, out: Tensor) -> Tensor:
     """`out` (the shifted base layer's output) plus s·B₀·A₀·x: the original base output."""
     b0, a0 = base_shift(adapter)

@@ -21,12 +21,13 @@ KIND_BASES = {kind: f"geopeft.{k.base.__name__}" for kind, k in KINDS.items()}
 HOOKS = {kind: k.hook for kind, k in KINDS.items()}
 
 
-def test_kinds_table_is_the_six_kinds_and_their_hooks():
+def test_kinds_table_is_the_seven_kinds_and_their_hooks():
     assert HOOKS == {
         "adapter": "register_adapters", "manifold": "register_manifolds",
         "gradient_transform": "register_gradient_transforms",
         "rank_controller": "register_rank_controllers",
-        "initializer": "register_initializers", "method": "register_methods"}
+        "initializer": "register_initializers", "method": "register_methods",
+        "target_preset": "register_target_presets"}
     assert KIND_BASES["method"] == "geopeft.Recipe" and KINDS["method"].instance
     # the hookspecs are generated from the table: one per kind, nothing else
     from geopeft import hookspecs
@@ -121,7 +122,7 @@ def test_builtin_lora_plugin_comes_from_its_entry_point():
     assert reg.pm.get_plugin("lora") is __import__("geopeft.plugins.lora", fromlist=["_"])
 
 
-def test_components_lists_all_six_kinds_with_the_lora_parts():
+def test_components_lists_every_kind_with_the_lora_parts():
     comps = geopeft.components()
     assert set(comps) == set(KIND_BASES)
     assert "lora" in comps["adapter"]

@@ -657,3 +657,50 @@ def test_save_and_merge_need_adapters(tiny, tmp_path):
         geopeft.merge(tiny)
     with pytest.raises(geopeft.GeopeftError, match="geopeft.adapt"):
         geopeft.unmerge(tiny)
+
+
+# --------------------------------------------------------------------------- components from user code
+def _user_oblique() -> type[geopeft.Manifold]:
+    """A manifold class defined in test code (not registered anywhere): unit-norm rows."""
+    from geopeft_example_plugin import ObliqueManifold
+
+    class UnitRows(ObliqueManifold):
+        pass
+
+    return UnitRows
+
+
+def test_save_refuses_an_unregistered_component_and_writes_nothing(tiny, tmp_path):
+    cls = _user_oblique()
+    geopeft.adapt(tiny, "lora", targets=["query"], rank=2, manifold={"A": cls()})
+    with pytest.raises(geopeft.ConfigError) as info:
+        geopeft.save(tiny, tmp_path / "out")
+    msg = str(info.value)
+    assert "manifold UnitRows" in msg and "not registered" in msg
+    assert "geopeft.register('manifold', 'unitrows', " in msg and "Nothing was written" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_registered_user_component_saves_by_name_and_loads_only_through_the_registry(tiny, tmp_path):
+    cls = _user_oblique()
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=2, manifold={"A": cls})
+    x = torch.randint(0, 50, (3, 5))
+    expected = tiny(x)
+    geopeft.register("manifold", "unit_rows", cls)  # after adapt: save still finds the name
+    try:
+        geopeft.save(tiny, tmp_path)
+        saved = json.loads((tmp_path / "geopeft.json").read_text())["recipe"]["manifolds"]
+        assert saved["A"]["name"] == "unit_rows" and saved["B"]["name"] == "euclidean"
+        loaded = geopeft.load(_fresh_tiny(), tmp_path)
+        assert torch.equal(loaded(x), expected)
+        assert type(loaded.query.adapter.factor_manifolds()["A"]) is cls
+    finally:
+        geopeft.unregister("manifold", "unit_rows")
+    # no longer registered: load does not look for the class anywhere else
+    with pytest.raises(geopeft.UnknownComponentError, match="unknown manifold 'unit_rows'"):
+        geopeft.load(_fresh_tiny(), tmp_path)
+
+
+def _fresh_tiny() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()

@@ -213,9 +213,9 @@ def test_save_load_and_peft_export_keep_the_outputs(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------- options, mix-and-match
-def test_hidden_size_comes_from_the_model_or_the_error_says_how_to_give_it(tiny):
-    with pytest.raises(geopeft.ConfigError, match="hidden_size=<d>"):
-        geopeft.adapt(copy.deepcopy(tiny), "stella", targets=["query"])
+def test_hidden_size_comes_from_the_model_or_its_adapted_layers(tiny):
+    inferred = geopeft.adapt(copy.deepcopy(tiny), "stella", targets=["query", "ffn.0"])
+    assert inferred.geopeft_state.resolved.manifolds["U"].hidden_size == 16  # 16x16, 24x16
     geopeft.adapt(copy.deepcopy(tiny), "stella", targets=["query"], step_scaling=False)
     geopeft.adapt(copy.deepcopy(tiny), "stella", targets=["query"], step_scaling=24.0)
     tiny.config = type("Config", (), {"hidden_size": 16})()

@@ -38,7 +38,8 @@ class StiefelManifold(Manifold):
                    (skipped when n = d): True takes d = `hidden_size`; a number is d itself;
                    False (default) leaves Δ alone;
       hidden_size  the model's hidden size d; `geopeft.adapt` fills it from the model's
-                   config when the model declares one.
+                   config when the model declares one, else with the most common dimension
+                   among the adapted layers (logged at INFO); an explicit value wins.
     """
 
     name = "stiefel"
