@@ -259,10 +259,19 @@ class GradientTransform(abc.ABC):
         """Same-shape adapters at once. Override to batch; the default loops."""
         return [self.transform(a, g, s) for a, g, s in zip(adapters, grads, states)]
 
+    @property
+    def takes_own_step(self) -> bool:
+        """True when the gradients this transform returns are the step itself (e.g. it
+        keeps its own Adam moments): the optimizer then applies p ← p − lr·g to the
+        adapters' factors, lr of each factor's param group (so LR schedulers act), and
+        the inner optimizer steps only the other parameters (a `trainable=` head gets the
+        update the user asked for). Default False."""
+        return False
+
     def check_optimizer(self, optimizer: torch.optim.Optimizer, adapters: Sequence[Adapter]) -> None:  # noqa: B027
         """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
-        `ConfigError` if it cannot carry out this transform's gradients (e.g. a transform
-        that takes its own step needs them applied as is). Default: any optimizer works."""
+        `ConfigError` if it cannot carry out this transform's gradients. Default: any
+        optimizer works."""
 
     def options(self) -> dict[str, Any]:
         return {}
