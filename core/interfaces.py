@@ -228,8 +228,19 @@ class Adapter(nn.Module, abc.ABC):
         return {"alpha": self.alpha, "rslora": self.rslora}
 
     def extra_repr(self) -> str:
+        """'linear 16x16, rank=4, scaling=2, rslora, U, V: stiefel; S: euclidean'."""
         m, n = self.shape
-        return f"{self.ops.kind} {m}x{n}, rank={self.rank}, scaling={self.scaling:.4g}"
+        parts = [f"{self.ops.kind} {m}x{n}", f"rank={self.rank}", f"scaling={self.scaling:.4g}"]
+        parts += [f"{k}={v}" for k, v in self.options().items() if k not in ("alpha", "rslora") and v]
+        if self.rslora:
+            parts.append("rslora")
+        by_manifold: dict[str, list[str]] = {}
+        for key, manifold in self._manifolds.items():
+            label = manifold.name or type(manifold).__name__
+            by_manifold.setdefault(label, []).append(f"({key})" if "," in key else key)
+        if by_manifold:
+            parts.append("; ".join(f"{', '.join(keys)}: {label}" for label, keys in by_manifold.items()))
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- GradientTransform

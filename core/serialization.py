@@ -36,6 +36,7 @@ from .model import (
     installed,
     trainable_params,
 )
+from .originals import snapshot
 from .recipes import from_json
 from .shift import base_shift, shift_base, unshift_base
 
@@ -110,7 +111,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     dtypes = {n: _dtype(i["dtype"], directory) for n, i in layers.items()}
     built = build_adapters(resolved, found, ranks, int(config["rank"]), dtypes)
     trainable = list(config.get("trainable", []))
-    state = AdaptState(resolved, int(config["rank"]), config.get("alpha"), trainable)
+    state = AdaptState(resolved, int(config["rank"]), config.get("alpha"), trainable,
+                       snapshot(model, trainable))  # the base values, before the saved ones
     expected = {f"adapters.{n}.{f}": p for n, _, a in built for f, p in a.factors().items()}
     expected.update({f"trainable.{n}": p for n, p in trainable_params(model, state.trainable)})
     shifts = _expected_shifts(directory, built, layers)
