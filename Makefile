@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml constraints.txt docs/examples/plugin/pyproject.toml
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=15
 
-demo: $(STAMP)
-	$(PY) examples/demo.py
+demo: $(STAMP)  # LoRA vs StelLA vs full fine-tuning on Rotten Tomatoes (configs/minilm_quick.yaml)
+	$(PY) -m geopeft compare configs/minilm_quick.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py

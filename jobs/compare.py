@@ -14,6 +14,9 @@ from .train import FULL, resolve_lr, train_run
 
 
 def lr_grid(cfg, method: str) -> list[float]:
+    explicit = cfg.sweep.full_lrs if method == FULL else cfg.sweep.lrs
+    if explicit:
+        return sorted(set(explicit))
     base = resolve_lr(cfg, method)[0]
     return sorted({round(base * f, 12) for f in cfg.sweep.factors})
 

