@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -92,6 +93,12 @@ class Manifold(abc.ABC):
                      dtype: torch.dtype = torch.float32) -> Tensor:
         """A random point of M of the given (..., n, p) shape."""
 
+    def shape_problem(self, shape: tuple[int, ...] | tuple[tuple[int, ...], ...]) -> str | None:
+        """None when factors of `shape` — (n, p), or one shape per factor for a coupled
+        manifold — can lie on M; else what M needs, as a phrase ("stiefel needs …").
+        `adapt` refuses a factor that does not fit with it. Default: any shape fits."""
+        return None
+
     def options(self) -> dict[str, Any]:
         """The constructor options, for saving a recipe as JSON."""
         return {}
@@ -102,6 +109,41 @@ class Manifold(abc.ABC):
 
 
 # --------------------------------------------------------------------------- Adapter
+#: base weight dtypes whose adapters default to float32 factors (PEFT's autocast_adapter_dtype)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def factor_dtype_for(base_dtype: torch.dtype, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype of an adapter's factors: `dtype` if given (a torch.dtype or its name),
+    else float32 on a float16/bfloat16 base (half-precision factors overflow or lose the
+    step under Adam), else the base weight's dtype."""
+    if dtype is None:
+        return torch.float32 if base_dtype in HALF_DTYPES else base_dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype not in FACTOR_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a floating dtype for factors; use one of "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in FACTOR_DTYPES)}")
+    return dtype
+
+
+def check_rank(rank: Any, what: str = "rank") -> None:
+    """ValueError unless `rank` is a positive int (True is not a rank)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{what} must be a positive int, got {rank!r} ({type(rank).__name__})")
+
+
+def check_alpha(alpha: Any) -> None:
+    """ValueError unless `alpha` is None (meaning: the rank) or a positive finite number."""
+    if alpha is None:
+        return
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+            or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"alpha must be a positive finite number (scaling = alpha/rank), got "
+                         f"{alpha!r}")
+
+
 class Adapter(nn.Module, abc.ABC):
     """A low-rank update attached to one base layer.
 
@@ -122,18 +164,26 @@ class Adapter(nn.Module, abc.ABC):
         ops = layer_ops(base)
         if ops is None:
             raise TypeError(f"cannot attach an adapter to {type(base).__name__}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        check_rank(rank)
+        check_alpha(alpha)
         self.ops: LayerOps = ops
         self._base = (base,)  # a reference, not a submodule
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
-        self.factor_dtype = dtype or base.weight.dtype
-        # a weightless (meta) base layer still gets real factors, on the CPU
-        self.factor_device = torch.device("cpu") if base.weight.is_meta else base.weight.device
+        self.factor_dtype = factor_dtype_for(base.weight.dtype, dtype)
+        # on the base weight's device, meta included: `to_empty` / `geopeft.load` materialise them
+        self.factor_device = base.weight.device
         self._manifolds: dict[FactorKey, Manifold] = {}
+
+    def in_input_dtype(self, x: Tensor, *factors: Tensor) -> tuple[Tensor, ...]:
+        """`factors` cast to x's dtype when x is floating point, so the forward computes in
+        the input's dtype (float32 factors of a float16 model run as float16, as under
+        autocast; gradients reach the float32 factors through the cast)."""
+        if not x.is_floating_point():
+            return factors
+        return tuple(f if f.dtype == x.dtype else f.to(x.dtype) for f in factors)
 
     # -- what the base layer is
     @property
@@ -180,8 +230,7 @@ class Adapter(nn.Module, abc.ABC):
         `scaling` does not change: a rank change must not rescale the output."""
         from geopeft.kernels import change_basis, resize_along
 
-        if not isinstance(new_rank, int) or new_rank < 1:
-            raise ValueError(f"new rank must be a positive int, got {new_rank!r}")
+        check_rank(new_rank, "new rank")
         if keep is not None:
             keep = torch.as_tensor(keep)
             if (keep.dim() != 1 or keep.is_floating_point() or len(keep) > new_rank

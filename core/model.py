@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, GeopeftError, TargetError
-from .interfaces import Adapter, Recipe
+from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
 from .layers import layer_ops
 from .originals import snapshot, swapped_in, trainable_modules
 from .recipes import Resolved, resolve
@@ -110,11 +110,20 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
     if find_state(model) is not None:
         raise GeopeftError("this model already has geopeft adapters; adapt a fresh model, or "
                            "geopeft.load(base_model, dir) to restore saved ones")
-    if not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"rank must be a positive int, got {rank!r}")
+    try:
+        check_rank(rank)
+        check_alpha(alpha)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if alpha is not None:
         overrides["alpha"] = alpha
     found = find_targets(model, targets, exclude)
+    on_meta = [name for name, module in found if module.weight.is_meta]
+    if on_meta:
+        raise ConfigError(f"layer(s) {', '.join(on_meta[:3])} are on the meta device (no weights): "
+                          "adapt initialises factors from real values; materialise the model first "
+                          "(model.to_empty(device=...) and load its weights), then adapt — or, to "
+                          "restore a saved adapter, geopeft.load it onto the materialised model")
     resolved = resolve(method, overrides, context=model_context(model, found))
     _log_inferred_facts(model, resolved, found)
     trainable = list(trainable or [])
@@ -301,8 +310,21 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
             raise ConfigError(f"adapter {resolved.recipe.adapter!r} on {name!r} with options "
                               f"{options}: {exc}") from exc
         adapter.set_manifolds(resolved.manifolds)
+        _check_manifolds_fit(resolved, name, adapter)
         built.append((name, module, adapter))
     return built
+
+
+def _check_manifolds_fit(resolved: Resolved, layer: str, adapter: Adapter) -> None:
+    """Each factor's shape suits its manifold (`Manifold.shape_problem`), else ConfigError."""
+    for key, manifold in adapter.factor_manifolds().items():
+        shapes = tuple(tuple(getattr(adapter, n).shape) for n in factor_names_of(key))
+        problem = manifold.shape_problem(shapes if manifold.coupled else shapes[0])
+        if problem:
+            shown = " and ".join("x".join(map(str, s)) for s in shapes)
+            raise ConfigError(f"manifold {resolved.recipe.manifolds.get(key, manifold.name)!r} does not "
+                              f"fit factor {key!r} of the adapter on {layer!r}: the factor is {shown}, "
+                              f"but {problem}; give that factor another manifold (e.g. 'euclidean')")
 
 
 @contextmanager
@@ -362,6 +384,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _check_rank(name: str, module: nn.Module, rank: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"the rank of layer {name!r} must be a positive int, got {rank!r} "
+                          f"({type(rank).__name__})")
     ops = layer_ops(module)
     if rank > min(ops.m, ops.n):
         raise ConfigError(f"rank {rank} is larger than layer {name!r} allows ({ops.m}x{ops.n}): "
