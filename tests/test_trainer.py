@@ -52,6 +52,12 @@ def test_geotrainer_trains_saves_and_resumes_bitwise(minilm_path, classification
     opt = run.optimizer.optimizer  # accelerate's wrapper around the GeometricOptimizer
     assert isinstance(opt, geopeft.GeometricOptimizer)
     assert opt.step_count == 30  # once per optimizer step, not per micro-batch (60)
+    # built from TrainingArguments: AdamW, HF's no-decay groups, no decay on the Stiefel factors
+    assert isinstance(opt.optimizer, torch.optim.AdamW)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    adapter = model.bert.encoder.layer[0].attention.self.query.adapter
+    assert decay[id(model.classifier.weight)] == 0.01 and decay[id(model.classifier.bias)] == 0.0
+    assert decay[id(adapter.U)] == decay[id(adapter.V)] == 0.0 and decay[id(adapter.S)] == 0.01
     assert max_violation([a for _, a in geopeft.adapters(model)]) <= 1e-5
     losses = [h["loss"] for h in run.state.log_history if "loss" in h]
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
