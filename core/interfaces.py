@@ -277,8 +277,19 @@ class Adapter(nn.Module, abc.ABC):
         return {"alpha": self.alpha, "rslora": self.rslora}
 
     def extra_repr(self) -> str:
+        """'linear 16x16, rank=4, scaling=2, rslora, U, V: stiefel; S: euclidean'."""
         m, n = self.shape
-        return f"{self.ops.kind} {m}x{n}, rank={self.rank}, scaling={self.scaling:.4g}"
+        parts = [f"{self.ops.kind} {m}x{n}", f"rank={self.rank}", f"scaling={self.scaling:.4g}"]
+        parts += [f"{k}={v}" for k, v in self.options().items() if k not in ("alpha", "rslora") and v]
+        if self.rslora:
+            parts.append("rslora")
+        by_manifold: dict[str, list[str]] = {}
+        for key, manifold in self._manifolds.items():
+            label = manifold.name or type(manifold).__name__
+            by_manifold.setdefault(label, []).append(f"({key})" if "," in key else key)
+        if by_manifold:
+            parts.append("; ".join(f"{', '.join(keys)}: {label}" for label, keys in by_manifold.items()))
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- GradientTransform
@@ -308,10 +319,19 @@ class GradientTransform(abc.ABC):
         """Same-shape adapters at once. Override to batch; the default loops."""
         return [self.transform(a, g, s) for a, g, s in zip(adapters, grads, states)]
 
+    @property
+    def takes_own_step(self) -> bool:
+        """True when the gradients this transform returns are the step itself (e.g. it
+        keeps its own Adam moments): the optimizer then applies p ← p − lr·g to the
+        adapters' factors, lr of each factor's param group (so LR schedulers act), and
+        the inner optimizer steps only the other parameters (a `trainable=` head gets the
+        update the user asked for). Default False."""
+        return False
+
     def check_optimizer(self, optimizer: torch.optim.Optimizer, adapters: Sequence[Adapter]) -> None:  # noqa: B027
         """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
-        `ConfigError` if it cannot carry out this transform's gradients (e.g. a transform
-        that takes its own step needs them applied as is). Default: any optimizer works."""
+        `ConfigError` if it cannot carry out this transform's gradients. Default: any
+        optimizer works."""
 
     def options(self) -> dict[str, Any]:
         return {}

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
 from .layers import layer_ops
+from .originals import snapshot, swapped_in, trainable_modules
 from .recipes import Resolved, resolve
 from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
@@ -41,6 +42,14 @@ class AdaptedLayer(nn.Module):
         if self.merged or self.disabled:
             return out
         return self.adapter(x, out)
+
+    def __repr__(self) -> str:
+        """The base layer, and the adapter on one line (its own submodules, e.g. dropout,
+        are in its options)."""
+        flags = [f for f in ("merged", "disabled") if getattr(self, f)]
+        state = f"  [{', '.join(flags)}]" if flags else ""
+        return (f"{type(self).__name__}(\n  (base_layer): {self.base_layer!r}\n"
+                f"  (adapter): {type(self.adapter).__name__}({self.adapter.extra_repr()}){state}\n)")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -78,6 +87,9 @@ class AdaptState:
     rank: int
     alpha: float | None
     trainable: list[str] = field(default_factory=list)
+    #: the base model's values of the `trainable` modules (`originals.snapshot`), which
+    #: `disable_adapters` puts back for its block
+    originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "recipe": self.resolved.to_json(),
@@ -129,12 +141,13 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
             raise ConfigError(f"trainable={t!r} contains adapted layer(s) {', '.join(inside[:3])}: a "
                               "module is either adapted or fully trained; narrow targets= or trainable=")
     built = build_adapters(resolved, found, ranks or {}, rank)  # nothing changed yet
+    originals = snapshot(model, trainable)
     pairs = [(name, adapter) for name, _, adapter in built]
     with installed(model, built, trainable):
         with torch.no_grad():
             resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
             project_onto_manifolds([a for _, a in pairs])
-    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable))
+    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable, originals))
     return model
 
 
@@ -246,13 +259,23 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 @contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes its base function (adapters skipped)."""
+    """Within the block the model computes its base function exactly: adapters are skipped
+    and `trainable=` modules use the base model's values, kept by `adapt` (as PEFT's
+    modules_to_save keeps the originals). Refused on a merged model (its base weights hold
+    ΔW): `unmerge` it first."""
     layers = _layers_or_error(model)
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise GeopeftError(f"the model is merged (e.g. {merged[0]!r}): its base weights hold ΔW, so "
+                           "disabling the adapters would not give the base model; call "
+                           "geopeft.unmerge(model) first")
+    state = find_state(model)
     before = [layer.disabled for _, layer in layers]
     for _, layer in layers:
         layer.disabled = True
     try:
-        yield model
+        with swapped_in(find_root(model), state.originals if state is not None else {}):
+            yield model
     finally:
         for (_, layer), flag in zip(layers, before):
             layer.disabled = flag
@@ -334,10 +357,9 @@ def trainable_params(model: nn.Module, trainable: Sequence[str]) -> list[tuple[s
     """[(full parameter name, parameter)] of the modules named in `trainable`, their
     submodules' included, each once: what `adapt` unfreezes, `save` and `export_peft` write."""
     found: dict[str, nn.Parameter] = {}
-    for mname, module in model.named_modules():
-        if any(name_matches(mname, t) for t in trainable):
-            for pname, p in module.named_parameters():
-                found.setdefault(f"{mname}.{pname}", p)
+    for mname, module in trainable_modules(model, trainable):
+        for pname, p in module.named_parameters():
+            found.setdefault(f"{mname}.{pname}", p)
     return list(found.items())
 
 

@@ -121,6 +121,11 @@ class GeometricOptimizer(WrappedOptimizer):
             key = (type(a), tuple(tuple(p.shape) for p in a.factors().values()))
             by_shape[key].append((name, a))
         self._transform_groups = list(by_shape.values())
+        # factors whose transform takes its own step, by param group: stage 3 applies them
+        own = {id(p) for _, a in self.named_adapters for p in a.factors().values()} \
+            if any(t.takes_own_step for t in self.transforms) else set()
+        self._own_step = [(g, [p for p in g["params"] if id(p) in own]) for g in self.param_groups]
+        self._own_step = [(g, ps) for g, ps in self._own_step if ps]
 
     def _check_factors_are_optimized(self) -> None:
         owned = {id(p) for g in self.param_groups for p in g["params"]}
@@ -280,8 +285,23 @@ class GeometricOptimizer(WrappedOptimizer):
         writes.apply()
 
     def _base_step(self) -> None:
-        """Stage 3: the inner optimizer's own step."""
-        self.optimizer.step()
+        """Stage 3: the inner optimizer's own step — without the factors of a transform that
+        takes its own step (`takes_own_step`), which get p ← p − lr·g with their group's lr."""
+        if not self._own_step:
+            self.optimizer.step()
+        else:
+            held = [(p, p.grad) for _, ps in self._own_step for p in ps]
+            for p, _ in held:
+                p.grad = None  # torch optimizers leave a parameter without gradient alone
+            try:
+                self.optimizer.step()
+            finally:
+                for p, g in held:
+                    p.grad = g
+            for group, ps in self._own_step:
+                live = [p for p in ps if p.grad is not None]
+                if live:
+                    torch._foreach_add_(live, [p.grad for p in live], alpha=-float(group["lr"]))
         self.step_count += 1
 
     def _retract(self, olds: list[tuple[FactorGroup, Points]],

@@ -39,6 +39,7 @@ from .model import (
     installed,
     trainable_params,
 )
+from .originals import snapshot
 from .recipes import from_json
 from .saved_config import check_config
 from .shift import base_shift, shift_base, unshift_base
@@ -153,7 +154,8 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
             adapter.to_empty(device=materialize)
             adapter.factor_device = torch.device(materialize)
     trainable = list(config.get("trainable", []))
-    state = AdaptState(resolved, config["rank"], config.get("alpha"), trainable)
+    state = AdaptState(resolved, config["rank"], config.get("alpha"), trainable,
+                       snapshot(model, trainable))  # the base values, before the saved ones
     expected = _described([(n, a) for n, _, a in built], trainable_params(model, state.trainable))
     shifts = _expected_shifts(built, layers)
     expected.update(shifts)
