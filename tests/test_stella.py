@@ -338,6 +338,6 @@ def test_minilm_adamw_steps_keep_u_and_v_orthonormal(minilm, minilm_batch, dtype
 
     losses = train(model, geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2), loss, 40)
     adapters = [a for _, a in geopeft.adapters(model)]
-    assert all(a.U.dtype == dtype for a in adapters)
+    assert all(a.U.dtype == torch.float32 for a in adapters)  # float32 factors on a bf16 base too
     assert max_violation(adapters) <= bound
     assert losses[-1] < 0.5 * losses[0]

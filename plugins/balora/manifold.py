@@ -52,6 +52,13 @@ class BalancedManifold(Manifold):
                              f"got {rank_rtol!r}")
         self.rank_rtol = None if rank_rtol is None else float(rank_rtol)
 
+    def shape_problem(self, shape):
+        if (len(shape) != 2 or len(shape[0]) != 2 or len(shape[1]) != 2 or shape[0][1] != shape[1][0]
+                or shape[0][1] > min(shape[0][0], shape[1][1])):
+            return ("balanced pairs a B (m, r) with an A (r, n), r <= min(m, n) — two factors, the "
+                    "columns of the first matching the rows of the second (key 'B,A', in that order)")
+        return None
+
     def project(self, x: Pair) -> Pair:
         b, a = x
         out = balance(b, a, self.rank_rtol)
@@ -66,14 +73,6 @@ class BalancedManifold(Manifold):
                              "they are balanced once BA has full rank", skipped,
                              out.full_rank.numel(), m, r, r, n, r, rtol)
         return out.B, out.A
-
-    def shape_error(self, shape):
-        if len(shape) == 2 and all(len(s) >= 2 for s in shape):
-            (m, r), (r2, n) = (tuple(s)[-2:] for s in shape)
-            if r == r2 and r <= min(m, n):
-                return None
-        return (f"balanced needs a pair (B (m, r), A (r, n)) with r <= min(m, n), in that order "
-                f"(key 'B,A'), got shapes {', '.join(str(tuple(s)) for s in shape)}")
 
     def violation(self, x: Pair) -> Tensor:
         """‖BᵀB − AAᵀ‖_F / ‖BᵀB‖_F per pair."""

@@ -75,6 +75,13 @@ class StiefelManifold(Manifold):
             return None
         return float(self.step_scaling)
 
+    def shape_problem(self, shape):
+        n, p = shape
+        if n < p:
+            return (f"stiefel needs at least as many rows as columns (p orthonormal columns in "
+                    f"R^n, n >= p), and {n} < {p}")
+        return None
+
     def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
         return tangent_project(x, u)
 
@@ -104,13 +111,6 @@ class StiefelManifold(Manifold):
     def project(self, x: Tensor) -> Tensor:
         """The nearest orthonormal matrix (polar factor by SVD: x need not be near St)."""
         return polar(x, "svd")
-
-    def shape_error(self, shape):
-        n, p = shape[-2:]
-        if n < p:
-            return (f"stiefel needs at least as many rows as columns (orthonormal columns, "
-                    f"xᵀx = I), got {n} x {p}: put it on a tall factor (LoRA's B, U or V of usv)")
-        return None
 
     def violation(self, x: Tensor) -> Tensor:
         """‖xᵀx − I‖_F per matrix."""
