@@ -1,5 +1,6 @@
 """The registry: entry-point discovery, hand registration, broken plugins, and the
-messages a user gets for unknown, invalid or incompatible components (DESIGN §3)."""
+messages a user gets for unknown, invalid or incompatible components (docs/architecture.md,
+"Components and plugins")."""
 
 from __future__ import annotations
 

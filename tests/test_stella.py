@@ -126,8 +126,9 @@ def test_same_shape_factors_share_one_batched_group(tiny):
 
 def paper_step(model: nn.Module, grads: dict[str, torch.Tensor], inner: torch.optim.Optimizer,
                hidden: int) -> None:
-    """StelLA's steps 1–3 (METHODS.md § StelLA), written out by hand, for U and V of
-    every adapter; S is a plain Euclidean parameter."""
+    """StelLA's steps 1–3 (docs/methods/stella.md, "Math": Riemannian gradient, the base
+    optimizer's step, the step scaled by √(d/n), projected and retracted), written out by
+    hand, for U and V of every adapter; S is a plain Euclidean parameter."""
     stiefel = {n: p for n, p in model.named_parameters() if n.endswith((".U", ".V"))}
     old = {n: p.detach().clone() for n, p in stiefel.items()}
     for n, p in model.named_parameters():
