@@ -401,6 +401,14 @@ class _WrongShape(geopeft.Manifold):
     def project_tangent(self, x, u):
         return u - x * (x * u).sum(-2, keepdim=True)
 
+    def egrad_to_rgrad(self, x, g):
+        g = self.project_tangent(x, g)
+        return g[..., :1, :] if self.broken == "egrad_to_rgrad" else g
+
+    def transport(self, x, y, v):
+        v = self.project_tangent(y, v)
+        return v.sum(0) if self.broken == "transport" else v
+
     def retract(self, x, u):
         y = self._unit(x + u)
         return y[:1] if self.broken == "retract" else y  # (1, n, p): would broadcast over G
@@ -429,3 +437,14 @@ def test_a_manifold_returning_a_wrong_shape_is_a_shape_error(tiny):
     model(IDS).sum().backward()
     with pytest.raises(geopeft.ShapeError, match=r"retract_step returned \[\(1, 2, 16\)\]"):
         opt.step()
+    for broken, got in [("egrad_to_rgrad", r"\(2, 1, 16\)"), ("transport", r"\(2, 16\)")]:
+        torch.manual_seed(0)
+        model = geopeft.adapt(type(tiny)(), "lora", targets=["query", "value"], rank=2,
+                              manifold={"A": _WrongShape(broken)}, moments="transport")
+        opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+        before = [a.A.detach().clone() for _, a in geopeft.adapters(model)]
+        model(IDS).sum().backward()
+        with pytest.raises(geopeft.ShapeError, match=rf"{broken} returned \[{got}\]"):
+            opt.step()
+        # nothing of the step's geometry was written: the factors are where they were
+        assert all(torch.equal(b, a.A) for b, (_, a) in zip(before, geopeft.adapters(model)))

@@ -34,8 +34,8 @@ def trainer(model, data, out):
 
     from geopeft.integrations.transformers import GeoTrainer
 
-    args = TrainingArguments(output_dir=str(out), max_steps=30, per_device_train_batch_size=1,
-                             gradient_accumulation_steps=2, learning_rate=5e-3, weight_decay=0.01,
+    args = TrainingArguments(output_dir=str(out), max_steps=30, per_device_train_batch_size=2,
+                             learning_rate=5e-3, weight_decay=0.01,
                              save_steps=25, logging_steps=1, seed=0, report_to=[], use_cpu=True,
                              disable_tqdm=True, dataloader_num_workers=0)
     return GeoTrainer(model=model, args=args, train_dataset=data)
@@ -51,7 +51,7 @@ def test_geotrainer_trains_saves_and_resumes_bitwise(minilm_path, classification
     run.train()
     opt = run.optimizer.optimizer  # accelerate's wrapper around the GeometricOptimizer
     assert isinstance(opt, geopeft.GeometricOptimizer)
-    assert opt.step_count == 30  # once per optimizer step, not per micro-batch (60)
+    assert opt.step_count == 30
     # built from TrainingArguments: AdamW, HF's no-decay groups, no decay on the Stiefel factors
     assert isinstance(opt.optimizer, torch.optim.AdamW)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -84,7 +84,8 @@ def test_geotrainer_trains_saves_and_resumes_bitwise(minilm_path, classification
 
 def test_resume_restores_changed_ranks(tmp_path):
     """GeoLoRA changes ranks while training; a resumed run first resizes the fresh adapters to
-    the checkpoint's ranks, then continues bitwise."""
+    the checkpoint's ranks, then continues bitwise. Under gradient accumulation the geometry
+    and the rank controller run once per optimizer step."""
     import json
 
     from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
@@ -102,11 +103,13 @@ def test_resume_restores_changed_ranks(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 64, (12,), generator=g), "labels": torch.tensor(i % 2)}
             for i in range(16)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-                             learning_rate=1e-2, save_steps=4, report_to=[], use_cpu=True,
-                             disable_tqdm=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, save_steps=4,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
     model = make()
-    GeoTrainer(model=model, args=args, train_dataset=data).train()
+    run = GeoTrainer(model=model, args=args, train_dataset=data)
+    run.train()
+    assert run.optimizer.optimizer.step_count == 8  # not 16, the micro-batches
     saved = json.loads((tmp_path / "checkpoint-4" / "geopeft.json").read_text())["layers"]
     assert {info["rank"] for info in saved.values()} != {4}  # the checkpoint's ranks moved
     again = make()

@@ -1,4 +1,5 @@
-"""timm and torchvision models (no weights) through their presets: train, merge, export."""
+"""timm and torchvision models (no weights) through their presets: train, merge, export to
+PEFT, import back."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_vision_model_trains_merges_and_exports(name, tmp_path):
     build, preset, count, head, size = MODELS[name]
     torch.manual_seed(0)
     model = build().eval()  # eval: BatchNorm statistics stay those of the base model
-    fresh = copy.deepcopy(model)
+    fresh, fresh2 = copy.deepcopy(model), copy.deepcopy(model)
     assert geopeft.targets.preset_for(model).name == preset
     geopeft.adapt(model, "lora", rank=2, trainable=[head])
     assert len(geopeft.adapters(model)) == count
@@ -76,5 +77,8 @@ def test_vision_model_trains_merges_and_exports(name, tmp_path):
         geopeft.unmerge(model)
     geopeft.export_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    loaded.save_pretrained(tmp_path / "peft")
+    back = geopeft.import_peft(fresh2, tmp_path / "peft").eval()  # Conv2d and fused qkv back in
     with torch.no_grad():
         assert torch.allclose(loaded(x), out, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(back(x), out, rtol=1e-4, atol=1e-5)
