@@ -1,9 +1,11 @@
 """Fuzzed recipes: hypothesis draws an adapter, manifolds (per factor and coupled), gradient
 transforms, a rank controller, an initializer and the recipe's knobs from whatever the
 registry holds, and a base optimizer. A combination geopeft accepts trains a tiny model
-for 5 steps (6 when projecting every 2 or 3) with finite losses and every factor on its manifold; one it refuses raises a
-geopeft error (`geopeft.errors.GeopeftError`) at `adapt` or `geopeft.optimizer` — never an
-exception from inside torch, and never during the steps."""
+for 5 steps (6 when projecting every 2 or 3) with finite losses and every constrained
+factor a fixed point of its manifold's projection (on M, or where the manifold leaves it
+by design); one it refuses raises a geopeft error (`geopeft.errors.GeopeftError`) at
+`adapt` or `geopeft.optimizer` — never an exception from inside torch, and never during
+the steps."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 import geopeft
 from geopeft.errors import GeopeftError
-from geopeft.geometry import max_violation
+from geopeft.geometry import factor_groups
 from geopeft.registry import get_registry
 
 from helpers import TinyNet, tiny_regression, train
@@ -105,7 +107,14 @@ def test_fuzzed_recipe_trains_or_is_refused_with_a_geopeft_error(drawn, seed):
     every = kwargs["project_every"]  # end on a projection step: coupled factors are on M there
     losses = train(model, opt, tiny_regression(), every * math.ceil(5 / every))
     assert all(math.isfinite(v) for v in losses), losses
-    assert max_violation([a for _, a in geopeft.adapters(model)]) <= 1e-4
+    # every constrained factor is a fixed point of its manifold's projection: on M, or where
+    # the manifold leaves it by design (a balanced pair whose BA is still rank-deficient —
+    # after SGD steps from LoRA's B = 0 — is kept as it is by the rank guard)
+    for group in factor_groups([a for _, a in geopeft.adapters(model)]):
+        if not group.manifold.is_euclidean:
+            x = group.stacked()
+            for p, q in zip(*(t if isinstance(t, tuple) else (t,) for t in (group.manifold.project(x), x))):
+                assert float((p - q).norm() / q.norm().clamp_min(1e-30)) <= 1e-4, group.manifold
 
 
 def test_a_factor_on_two_manifolds_is_refused():
@@ -123,3 +132,13 @@ def test_two_gram_preconditioners_are_not_chained():
     with pytest.raises(geopeft.IncompatibleComponentsError,
                        match="'lorapro' and 'scaled_gd' are both 'gram_preconditioner' transforms"):
         geopeft.adapt(TinyNet(), "lora", targets=["query"], rank=2, transforms=["lorapro", "scaled_gd"])
+
+
+def test_a_rank_controller_refuses_bases_it_cannot_keep_on_their_manifold():
+    """Found by the fuzzer: geolora with V on 'oblique' grew the rank and left V's rows off
+    the unit sphere (violation 0.75); a controller that changes U's and V's columns keeps
+    them orthonormal only, so another manifold on them is refused when the optimizer is built."""
+    model = geopeft.adapt(TinyNet(), "geolora", targets=["query"], rank=2, manifold={"V": "oblique"})
+    with pytest.raises(geopeft.ConfigError, match="rank controller 'geolora' changes the columns of U "
+                                                  "and V.*has V on 'oblique'"):
+        geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2)
