@@ -93,7 +93,7 @@ def run_method(name: str, base, calib, train, val, args) -> dict:
         loss = ce_loss(model, batch)
         loss.backward()
         opt.step()
-        curve.append(float(loss))
+        curve.append(loss.item())
         if step in EVAL_AT:
             val_curve[step] = mean_loss(model, val)
     return {"train_loss": curve, "val_loss": val_curve, "init_s": init_s}
