@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
 from .errors import ConfigError, IncompatibleComponentsError, did_you_mean
 from .interfaces import (
     Adapter,
@@ -73,7 +75,7 @@ class Resolved:
             if name is None:
                 unregistered.append((kind, cls))
             options = self.adapter_options if kind == "adapter" else obj.options()
-            return {"name": name, "options": options}
+            return {"name": name, "options": options_to_json(options, f"{KINDS[kind].label} {name!r}")}
 
         out: dict[str, Any] = {"method": self.recipe.name}
         instances = self.components()
@@ -346,6 +348,53 @@ def _as_list(value: Any) -> list[Any]:
     return list(value)
 
 
+#: how geopeft.json holds a torch.dtype option: {"torch.dtype": "float32"}
+_DTYPE_TAG = "torch.dtype"
+
+
+def options_to_json(options: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """`options` as JSON values: a torch.dtype becomes {"torch.dtype": "float32"}, tuples
+    lists; anything else JSON cannot hold (a tensor, a function, NaN) is a ConfigError
+    naming `owner` and the option."""
+    return {key: _json_value(value, f"option {key!r} of {owner}") for key, value in options.items()}
+
+
+def options_from_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `options_to_json`."""
+    return {key: _from_json_value(value) for key, value in options.items()}
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if isinstance(value, torch.dtype):
+        return {_DTYPE_TAG: str(value).removeprefix("torch.")}
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} is {value}, which geopeft.json cannot hold; use a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v, where) for k, v in value.items()}
+    raise ConfigError(f"{where} is a {type(value).__name__}, which geopeft.json cannot hold: pass "
+                      "a string, number, bool, list, dict or torch.dtype, or register a component "
+                      "whose options are such values")
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_DTYPE_TAG}:
+            dtype = getattr(torch, str(value[_DTYPE_TAG]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ConfigError(f"unknown torch dtype {value[_DTYPE_TAG]!r}")
+            return dtype
+        return {k: _from_json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json_value(v) for v in value]
+    return value
+
+
 def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Resolved:
     """Rebuild a Resolved from `Resolved.to_json()`, each part with its own saved options.
     Components are looked up by name in the registry only (nothing named in the file is
@@ -361,7 +410,7 @@ def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Res
         sig = (part["name"], json.dumps(options, sort_keys=True, default=str))
         if kind == "manifold" and sig in shared:
             return shared[sig]
-        obj = _instantiate((part["name"], cls), options)
+        obj = _instantiate((part["name"], cls), options_from_json(options))
         if kind == "manifold":
             shared[sig] = obj
         return obj
@@ -383,7 +432,7 @@ def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Res
     recipe = Recipe(name=saved["method"], **names, **settings)
     _check_recipe_values(recipe)
     resolved = Resolved(
-        recipe=recipe, adapter_cls=built["adapter"], adapter_options=dict(saved["adapter"]["options"]),
+        recipe=recipe, adapter_cls=built["adapter"], adapter_options=options_from_json(saved["adapter"].get("options", {})),
         manifolds=built["manifolds"], transforms=built["transforms"],
         rank_controller=built["rank_controller"], initializer=built["initializer"],
     )

@@ -84,7 +84,7 @@ def test_violation_is_the_relative_gram_gap():
 
 
 def _polar_route(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official code's route (METHODS.md § BaLoRA), one pair at a time: polar
+    """The official code's route (github.com/vcastin/balora; docs/methods/balora.md), one pair at a time: polar
     decompositions A = S_A P_A (S_A = (AAᵀ)^½ r×r, P_A orthonormal rows) and
     B = P_B S_B (S_B = (BᵀB)^½), SVD of the r×r product S_B S_A = UΣVᵀ, then
     A ← √Σ Vᵀ P_A and B ← P_B U √Σ."""

@@ -1,4 +1,5 @@
-"""timm and torchvision models (no weights) through their presets: train, merge, export."""
+"""timm and torchvision models (no weights) through their presets: train, merge, export to
+PEFT, import back."""
 
 from __future__ import annotations
 
@@ -40,26 +41,26 @@ def tv_vit():
                              mlp_dim=48, num_classes=3)
 
 
-#: builder, preset, adapted modules (count), trained head
+#: builder, preset, adapted modules (count), trained head, image size
 MODELS = {
-    "timm-vit": (timm_vit, "timm-vit", 2 * 3, "head"),
-    "timm-resnet": (timm_resnet, "timm-resnet", 8 * 2, "fc"),
-    "torchvision-resnet18": (tv_resnet18, "torchvision-resnet", 8 * 2, "fc"),
-    "torchvision-vit": (tv_vit, "torchvision-vit", 2 * 2, "heads"),
+    "timm-vit": (timm_vit, "timm-vit", 2 * 3, "head", 32),
+    "timm-resnet": (timm_resnet, "timm-resnet", 8 * 2, "fc", 16),
+    "torchvision-resnet18": (tv_resnet18, "torchvision-resnet", 8 * 2, "fc", 16),
+    "torchvision-vit": (tv_vit, "torchvision-vit", 2 * 2, "heads", 32),
 }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_vision_model_trains_merges_and_exports(name, tmp_path):
-    build, preset, count, head = MODELS[name]
+    build, preset, count, head, size = MODELS[name]
     torch.manual_seed(0)
     model = build().eval()  # eval: BatchNorm statistics stay those of the base model
-    fresh = copy.deepcopy(model)
+    fresh, fresh2 = copy.deepcopy(model), copy.deepcopy(model)
     assert geopeft.targets.preset_for(model).name == preset
     geopeft.adapt(model, "lora", rank=2, trainable=[head])
     assert len(geopeft.adapters(model)) == count
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0])
+    x, y = torch.randn(4, 3, size, size, generator=g), torch.tensor([0, 1, 2, 0])
     opt = geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2)
     losses = []
     for _ in range(5):
@@ -76,5 +77,8 @@ def test_vision_model_trains_merges_and_exports(name, tmp_path):
         geopeft.unmerge(model)
     geopeft.export_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    loaded.save_pretrained(tmp_path / "peft")
+    back = geopeft.import_peft(fresh2, tmp_path / "peft").eval()  # Conv2d and fused qkv back in
     with torch.no_grad():
         assert torch.allclose(loaded(x), out, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(back(x), out, rtol=1e-4, atol=1e-5)

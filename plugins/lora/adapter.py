@@ -13,7 +13,8 @@ class LoRAAdapter(Adapter):
     """ΔW = scaling·B·A with scaling = α/r (α/√r with `rslora`).
 
     Forward: base_out + scaling·lower(lift(dropout(x), A), B), never forming ΔW.
-    Factors are created in the base weight's dtype unless `dtype` is given.
+    Factors are float32 on a float16/bfloat16 base, else in the base weight's dtype,
+    unless `dtype` is given; the forward computes in the input's dtype.
     """
 
     factor_names = ("A", "B")
@@ -34,11 +35,9 @@ class LoRAAdapter(Adapter):
         lora_init_(self)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        a = self.A
-        if x.is_floating_point() and x.dtype != a.dtype:
-            x = x.to(a.dtype)
+        a, b = self.in_input_dtype(x, self.A, self.B)
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
-        return self.ops.add_lowered(base_out, h, self.B, self.scaling)
+        return self.ops.add_lowered(base_out, h, b, self.scaling)
 
     def delta_weight(self) -> Tensor:
         return self.ops.to_weight_layout(self.scaling * (self.B @ self.A), self.base_layer)
