@@ -31,6 +31,10 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not (self.merged or self.disabled or args or kwargs):
+            fused = self.adapter.fused_forward(x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
             return out

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from geopeft import Adapter
+from geopeft.kernels import lora_linear
 
 
 def lora_init_(adapter: Adapter) -> None:
@@ -19,6 +20,18 @@ def lora_init_(adapter: Adapter) -> None:
         else:
             nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
             nn.init.zeros_(adapter.B)
+
+
+def fused_linear(adapter: Adapter, x: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
+    """`geopeft.kernels.lora_linear` of adapter's base layer with factors (B = b, A = a)
+    when the fused path applies (see `LoRAAdapter.fused_forward`), else None."""
+    base = adapter.base_layer
+    if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
+            or (adapter.training and getattr(adapter, "dropout_p", 0.0) > 0)
+            or not x.is_floating_point() or not x.dtype == base.weight.dtype == a.dtype == b.dtype
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    return lora_linear(x, base.weight, base.bias, a, b, adapter.scaling)
 
 
 class LoRAAdapter(Adapter):
@@ -51,6 +64,12 @@ class LoRAAdapter(Adapter):
             x = x.to(a.dtype)
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
         return self.ops.add_lowered(base_out, h, self.B, self.scaling)
+
+    def fused_forward(self, x: Tensor) -> Tensor | None:
+        """base(x) + s·(x Aᵀ) Bᵀ as one autograd function (`geopeft.kernels.lora_linear`:
+        backward keeps only x and x Aᵀ) for a plain nn.Linear base without hooks, with x,
+        W and the factors in one dtype, no active dropout and no autocast; else None."""
+        return fused_linear(self, x, self.A, self.B)
 
     def delta_weight(self) -> Tensor:
         return self.ops.to_weight_layout(self.scaling * (self.B @ self.A), self.base_layer)
