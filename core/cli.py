@@ -62,6 +62,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(name: str):
+    """The `train` / `compare` command, imported when it runs (omegaconf, transformers, tqdm
+    and matplotlib are imported by geopeft.jobs only)."""
+    def run(args: argparse.Namespace) -> int:
+        from .jobs import cli
+
+        return getattr(cli, f"cmd_{name}")(args)
+    return run
+
+
+def _add_job_parsers(sub) -> None:
+    train = sub.add_parser("train", help="fine-tune one recipe from a config (resumable)")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 method=stella")
+    train.add_argument("--resume", action="store_true", help="continue from <output_dir>/<run>/checkpoint")
+    train.set_defaults(func=_job("train"))
+    comp = sub.add_parser("compare", help="several recipes and full fine-tuning, one budget and seed")
+    comp.add_argument("config", help="YAML config (see configs/)")
+    comp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods=[lora,stella]")
+    comp.add_argument("--lr-sweep", action="store_true",
+                      help="try sweep.factors x each recipe's lr, keep the best by validation accuracy")
+    comp.set_defaults(func=_job("compare"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geopeft", description="Geometry-aware low-rank fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,11 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="directory written by geopeft.save")
     export.add_argument("dst", help="PEFT directory to write")
     export.set_defaults(func=cmd_export)
+    _add_job_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after a flag (`compare cfg.yaml --lr-sweep train.steps=9`)
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except GeopeftError as exc:

@@ -7,55 +7,34 @@ A plugin implements any of these with `@geopeft.hookimpl` and calls
     def register_manifolds(register):
         register("oblique", ObliqueManifold)
 
-Components are classes (instantiated with options by the recipe), except
-methods, which are `Recipe` instances.
+There is one hook per component kind (`kinds.KINDS`): `register_adapters`,
+`register_manifolds`, `register_gradient_transforms`, `register_rank_controllers`,
+`register_initializers`, `register_methods`, `register_target_presets`. Components are
+classes (instantiated with options by the recipe), except methods and target presets,
+which are `Recipe` and `TargetPreset` instances.
 """
 
 from __future__ import annotations
 
 import pluggy
 
+from .kinds import KINDS, ComponentKind
+
 PROJECT = "geopeft"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@hookspec
-def register_adapters(register):
-    """Register Adapter subclasses: register(name, cls)."""
+def _spec(kind: ComponentKind):
+    def spec(register):
+        pass
+
+    spec.__name__ = spec.__qualname__ = kind.hook
+    spec.__doc__ = f"Register {kind.label}s, each {kind.expected}: register(name, obj)."
+    return hookspec(spec)
 
 
-@hookspec
-def register_manifolds(register):
-    """Register Manifold subclasses: register(name, cls)."""
-
-
-@hookspec
-def register_gradient_transforms(register):
-    """Register GradientTransform subclasses: register(name, cls)."""
-
-
-@hookspec
-def register_rank_controllers(register):
-    """Register RankController subclasses: register(name, cls)."""
-
-
-@hookspec
-def register_initializers(register):
-    """Register Initializer subclasses: register(name, cls)."""
-
-
-@hookspec
-def register_methods(register):
-    """Register method recipes: register(name, Recipe(...))."""
-
-
-#: component kind -> the hook that registers it
-KIND_HOOKS = {
-    "adapter": "register_adapters",
-    "manifold": "register_manifolds",
-    "gradient_transform": "register_gradient_transforms",
-    "rank_controller": "register_rank_controllers",
-    "initializer": "register_initializers",
-    "method": "register_methods",
-}
+# one hookspec per kind, generated from the table so the two cannot drift apart
+for _kind in KINDS.values():
+    globals()[_kind.hook] = _spec(_kind)
+del _kind

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -49,6 +50,7 @@ class Manifold(abc.ABC):
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
     post_step: ClassVar[str] = "retract"
+    POST_STEPS: ClassVar[tuple[str, ...]] = ("retract", "project")
     #: True when M is a cone (c·x ∈ M for x ∈ M, c > 0): weight decay keeps factors on M,
     #: so the optimizer leaves their weight decay as the param groups say.
     scale_invariant: ClassVar[bool] = False
@@ -71,8 +73,11 @@ class Manifold(abc.ABC):
 
     def retract_step(self, x: Tensor, new: Tensor) -> Tensor:
         """The point after the base optimizer moved x to `new` (off the manifold): by
-        default retract(x, project_tangent(x, new − x)). Override to change the step
-        (StelLA scales it) or to fuse the two into one faster kernel."""
+        default retract(x, project_tangent(x, new − x)), factor by factor for a coupled
+        manifold's tuples. Override to change the step (StelLA scales it) or to fuse the
+        two into one faster kernel."""
+        if self.coupled:
+            return self.retract(x, self.project_tangent(x, tuple(n - o for n, o in zip(new, x))))
         return self.retract(x, self.project_tangent(x, new - x))
 
     @abc.abstractmethod
@@ -88,6 +93,12 @@ class Manifold(abc.ABC):
                      dtype: torch.dtype = torch.float32) -> Tensor:
         """A random point of M of the given (..., n, p) shape."""
 
+    def shape_problem(self, shape: tuple[int, ...] | tuple[tuple[int, ...], ...]) -> str | None:
+        """None when factors of `shape` — (n, p), or one shape per factor for a coupled
+        manifold — can lie on M; else what M needs, as a phrase ("stiefel needs …").
+        `adapt` refuses a factor that does not fit with it. Default: any shape fits."""
+        return None
+
     def options(self) -> dict[str, Any]:
         """The constructor options, for saving a recipe as JSON."""
         return {}
@@ -98,6 +109,41 @@ class Manifold(abc.ABC):
 
 
 # --------------------------------------------------------------------------- Adapter
+#: base weight dtypes whose adapters default to float32 factors (PEFT's autocast_adapter_dtype)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def factor_dtype_for(base_dtype: torch.dtype, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype of an adapter's factors: `dtype` if given (a torch.dtype or its name),
+    else float32 on a float16/bfloat16 base (half-precision factors overflow or lose the
+    step under Adam), else the base weight's dtype."""
+    if dtype is None:
+        return torch.float32 if base_dtype in HALF_DTYPES else base_dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype not in FACTOR_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a floating dtype for factors; use one of "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in FACTOR_DTYPES)}")
+    return dtype
+
+
+def check_rank(rank: Any, what: str = "rank") -> None:
+    """ValueError unless `rank` is a positive int (True is not a rank)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{what} must be a positive int, got {rank!r} ({type(rank).__name__})")
+
+
+def check_alpha(alpha: Any) -> None:
+    """ValueError unless `alpha` is None (meaning: the rank) or a positive finite number."""
+    if alpha is None:
+        return
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+            or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"alpha must be a positive finite number (scaling = alpha/rank), got "
+                         f"{alpha!r}")
+
+
 class Adapter(nn.Module, abc.ABC):
     """A low-rank update attached to one base layer.
 
@@ -118,18 +164,26 @@ class Adapter(nn.Module, abc.ABC):
         ops = layer_ops(base)
         if ops is None:
             raise TypeError(f"cannot attach an adapter to {type(base).__name__}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        check_rank(rank)
+        check_alpha(alpha)
         self.ops: LayerOps = ops
         self._base = (base,)  # a reference, not a submodule
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
-        self.factor_dtype = dtype or base.weight.dtype
-        # a weightless (meta) base layer still gets real factors, on the CPU
-        self.factor_device = torch.device("cpu") if base.weight.is_meta else base.weight.device
+        self.factor_dtype = factor_dtype_for(base.weight.dtype, dtype)
+        # on the base weight's device, meta included: `to_empty` / `geopeft.load` materialise them
+        self.factor_device = base.weight.device
         self._manifolds: dict[FactorKey, Manifold] = {}
+
+    def in_input_dtype(self, x: Tensor, *factors: Tensor) -> tuple[Tensor, ...]:
+        """`factors` cast to x's dtype when x is floating point, so the forward computes in
+        the input's dtype (float32 factors of a float16 model run as float16, as under
+        autocast; gradients reach the float32 factors through the cast)."""
+        if not x.is_floating_point():
+            return factors
+        return tuple(f if f.dtype == x.dtype else f.to(x.dtype) for f in factors)
 
     # -- what the base layer is
     @property
@@ -170,16 +224,20 @@ class Adapter(nn.Module, abc.ABC):
         """(B (m, r), A (r, n)) with `scaling * B @ A` equal to ΔW as an (m, n) matrix."""
 
     @torch.no_grad()
-    def resize(self, new_rank: int, keep: Tensor | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    def resize(self, new_rank: int, keep: Tensor | None = None, *,
+               basis: Mapping[str, Sequence[Tensor]] | None = None,
+               values: Mapping[str, Tensor] | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """Change the rank, keeping the rank-indices `keep` (default: the leading ones)
-        and zero-filling new ones. Each factor becomes a new Parameter (autograd caches a
-        leaf's shape, so a leaf cannot change shape in place); returns {factor: (old, new)}
-        so an optimizer can follow — `GeometricOptimizer.resize` does. `scaling` does not
-        change: a rank change must not rescale the output."""
-        from geopeft.kernels import resize_along
+        and zero-filling new ones — or, with `basis`, mapping each factor along its rank
+        dims by a change of basis ({factor: one (rank, new_rank) matrix per rank dim, in
+        `rank_dims` order}); `values` ({factor: tensor}) gives new factors outright (a rank
+        controller that computed them batched). Each factor becomes a new Parameter (autograd
+        caches a leaf's shape, so a leaf cannot change shape in place); returns
+        {factor: (old, new)} so an optimizer can follow — `GeometricOptimizer.resize` does.
+        `scaling` does not change: a rank change must not rescale the output."""
+        from geopeft.kernels import change_basis, resize_along
 
-        if not isinstance(new_rank, int) or new_rank < 1:
-            raise ValueError(f"new rank must be a positive int, got {new_rank!r}")
+        check_rank(new_rank, "new rank")
         if keep is not None:
             keep = torch.as_tensor(keep)
             if (keep.dim() != 1 or keep.is_floating_point() or len(keep) > new_rank
@@ -187,10 +245,27 @@ class Adapter(nn.Module, abc.ABC):
                     or len(torch.unique(keep)) != len(keep)):
                 raise ShapeError(f"keep must be distinct rank indices in [0, {self.rank}), at most "
                                  f"{new_rank} of them (the new rank); got {keep.tolist()}")
+        new_values = {}
+        for name, old in self.factors().items():
+            dims = self.rank_dims[name]
+            shape = [new_rank if d in dims else s for d, s in enumerate(old.shape)]
+            if values is not None and name in values:
+                value = values[name].detach()
+            elif basis is not None and name in basis:
+                mats = basis[name]
+                if len(mats) != len(dims) or any(tuple(b.shape) != (self.rank, new_rank) for b in mats):
+                    raise ShapeError(f"basis for factor {name!r} must be {len(dims)} matri(ces) of shape "
+                                     f"({self.rank}, {new_rank}), got {[tuple(b.shape) for b in mats]}")
+                value = change_basis(old.detach()[None], dims, [b[None] for b in mats])[0]
+            else:
+                value = resize_along(old.detach(), dims, new_rank, keep)
+            if list(value.shape) != shape:
+                raise ShapeError(f"new value of factor {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(shape)} for rank {new_rank}")
+            new_values[name] = value.to(dtype=old.dtype, device=old.device).contiguous()
         swapped = {}
         for name, old in self.factors().items():
-            new = nn.Parameter(resize_along(old.detach(), self.rank_dims[name], new_rank, keep),
-                               requires_grad=old.requires_grad)
+            new = nn.Parameter(new_values[name], requires_grad=old.requires_grad)
             setattr(self, name, new)
             swapped[name] = (old, new)
         self.rank = new_rank
@@ -209,8 +284,19 @@ class Adapter(nn.Module, abc.ABC):
         return {"alpha": self.alpha, "rslora": self.rslora}
 
     def extra_repr(self) -> str:
+        """'linear 16x16, rank=4, scaling=2, rslora, U, V: stiefel; S: euclidean'."""
         m, n = self.shape
-        return f"{self.ops.kind} {m}x{n}, rank={self.rank}, scaling={self.scaling:.4g}"
+        parts = [f"{self.ops.kind} {m}x{n}", f"rank={self.rank}", f"scaling={self.scaling:.4g}"]
+        parts += [f"{k}={v}" for k, v in self.options().items() if k not in ("alpha", "rslora") and v]
+        if self.rslora:
+            parts.append("rslora")
+        by_manifold: dict[str, list[str]] = {}
+        for key, manifold in self._manifolds.items():
+            label = manifold.name or type(manifold).__name__
+            by_manifold.setdefault(label, []).append(f"({key})" if "," in key else key)
+        if by_manifold:
+            parts.append("; ".join(f"{', '.join(keys)}: {label}" for label, keys in by_manifold.items()))
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- GradientTransform
@@ -240,10 +326,19 @@ class GradientTransform(abc.ABC):
         """Same-shape adapters at once. Override to batch; the default loops."""
         return [self.transform(a, g, s) for a, g, s in zip(adapters, grads, states)]
 
+    @property
+    def takes_own_step(self) -> bool:
+        """True when the gradients this transform returns are the step itself (e.g. it
+        keeps its own Adam moments): the optimizer then applies p ← p − lr·g to the
+        adapters' factors, lr of each factor's param group (so LR schedulers act), and
+        the inner optimizer steps only the other parameters (a `trainable=` head gets the
+        update the user asked for). Default False."""
+        return False
+
     def check_optimizer(self, optimizer: torch.optim.Optimizer, adapters: Sequence[Adapter]) -> None:  # noqa: B027
         """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
-        `ConfigError` if it cannot carry out this transform's gradients (e.g. a transform
-        that takes its own step needs them applied as is). Default: any optimizer works."""
+        `ConfigError` if it cannot carry out this transform's gradients. Default: any
+        optimizer works."""
 
     def options(self) -> dict[str, Any]:
         return {}
@@ -256,11 +351,27 @@ class RankController(abc.ABC):
     name: ClassVar[str] = ""
     #: True when it never changes a rank: the optimizer does not call it.
     static: ClassVar[bool] = False
+    #: factors it needs of the adapter; adapt() refuses an adapter that lacks one.
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
     def step(self, step: int, adapters: Sequence[tuple[str, Adapter]],
              optimizer: Any) -> dict[str, int] | None:
-        """Apply rank changes (through `optimizer.resize`); return {module name: new rank}."""
+        """Apply rank changes (through `optimizer.resize` / `resize_many`); return
+        {module name: new rank}. `step` counts the optimizer steps taken, this one included."""
+
+    def before_step(self, step: int, adapters: Sequence[tuple[str, Adapter]],  # noqa: B027
+                    optimizer: Any) -> None:
+        """Called before the gradient transforms, with the gradients of the user's backward
+        pass as they are (`step`: the steps taken before this one). A controller that needs
+        the raw gradients reads them here; one that moves some factors itself clears their
+        gradients (`p.grad = None`): the base optimizer and the geometric stages then leave
+        those factors alone. Default: nothing."""
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer,  # noqa: B027
+                        adapters: Sequence[tuple[str, Adapter]]) -> None:
+        """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
+        `ConfigError` for adapters or an optimizer it cannot work with. Default: any."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -270,6 +381,20 @@ class RankController(abc.ABC):
 
     def options(self) -> dict[str, Any]:
         return {}
+
+
+@dataclass
+class RankChange:
+    """One layer's rank change for `GeometricOptimizer.resize_many`: the module name, the
+    new rank, and how the rank space maps (see `Adapter.resize`): kept indices `keep`, or
+    a change of `basis` ({factor: one (rank, new rank) matrix per rank dim}); `values`
+    optionally gives the new factors outright."""
+
+    name: str
+    rank: int
+    keep: Tensor | None = None
+    basis: Mapping[str, Sequence[Tensor]] | None = None
+    values: Mapping[str, Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- Initializer
@@ -291,24 +416,44 @@ class Initializer(abc.ABC):
 
 
 # --------------------------------------------------------------------------- Recipe
+def _part(kind: str, **kw: Any) -> Any:
+    """A Recipe field naming component(s) of `kind`: overridable by name or instance."""
+    return field(metadata={"part": kind}, **kw)
+
+
+def _setting(**kw: Any) -> Any:
+    """A Recipe field that configures the step: overridable, saved with the recipe."""
+    return field(metadata={"setting": True}, **kw)
+
+
 @dataclass
 class Recipe:
     """A named method: which components, with defaults. Every part can be overridden.
 
     `manifolds` maps factor names (or tuples for coupled manifolds) to manifold
     names and overrides the adapter's `default_manifolds`. `options` are keyword
-    defaults handed to whichever components accept them (e.g. `rslora`, `dropout`).
+    defaults handed to whichever of the recipe's components accept them (e.g.
+    `rslora`, `dropout`); one no component takes (after an override replaced the
+    component that did) is dropped.
+    `lr` is the learning rate the method recommends (from its paper or from a sweep
+    recorded in docs/benchmarks.md); the `train` / `compare` jobs use it unless the
+    config sets one. It is advice for the optimizer, not part of the adapted model.
+
+    Which fields are component parts (`parts()`) and which are step settings
+    (`settings()`) is read off the field metadata: override handling and the
+    saved JSON follow from it.
     """
 
     name: str
-    adapter: str = "lora"
-    manifolds: dict[str, str] = field(default_factory=dict)
-    transforms: list[str] = field(default_factory=list)
-    rank_controller: str = "fixed"
-    initializer: str = "lora"
-    riemannian_grad: bool = True
-    project_every: int = 1
-    moments: str = "keep"
+    adapter: str = _part("adapter", default="lora")
+    manifolds: dict[str, str] = _part("manifold", default_factory=dict)
+    transforms: list[str] = _part("gradient_transform", default_factory=list)
+    rank_controller: str = _part("rank_controller", default="fixed")
+    initializer: str = _part("initializer", default="lora")
+    riemannian_grad: bool = _setting(default=True)
+    project_every: int = _setting(default=1)
+    moments: str = _setting(default="keep")
+    lr: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -320,3 +465,43 @@ class Recipe:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def parts(cls) -> dict[str, str]:
+        """{field: component kind} for the fields that name components."""
+        return {f.name: f.metadata["part"] for f in fields(cls) if "part" in f.metadata}
+
+    @classmethod
+    def settings(cls) -> list[str]:
+        """The fields that configure the step (riemannian_grad, project_every, moments)."""
+        return [f.name for f in fields(cls) if f.metadata.get("setting")]
+
+
+# --------------------------------------------------------------------------- TargetPreset
+@dataclass(frozen=True)
+class TargetPreset:
+    """Default `targets` for a family of models, used by `adapt` when `targets` is omitted.
+
+    A preset matches a model by its HF `config.model_type` (`model_types`) or by the
+    fully qualified name of its class or of a base class (`classes`, e.g.
+    "timm.models.vision_transformer.VisionTransformer"), read off the model: matching
+    imports nothing, so a plugin of presets needs none of the libraries it describes.
+    `targets` is what `adapt(targets=...)` takes: module names (PEFT's suffix rule) or a
+    regular expression.
+    """
+
+    name: str
+    targets: tuple[str, ...] | str
+    model_types: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    description: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if isinstance(model_type, str) and model_type in self.model_types:
+            return True
+        return any(f"{c.__module__}.{c.__qualname__}" in self.classes for c in type(model).__mro__)
+
+    def select(self) -> str | list[str]:
+        """The `targets` value for `adapt`."""
+        return self.targets if isinstance(self.targets, str) else list(self.targets)

@@ -33,6 +33,10 @@ class LayerOps:
 
     def weight_matrix(self, base: nn.Module) -> Tensor:
         """The base weight as an (m, n) matrix (a view where possible)."""
+        return self.as_matrix(base.weight)
+
+    def as_matrix(self, t: Tensor) -> Tensor:
+        """A tensor in the base weight's layout (the weight, its gradient) as (m, n)."""
         raise NotImplementedError
 
     def to_weight_layout(self, delta: Tensor, base: nn.Module) -> Tensor:
@@ -56,8 +60,8 @@ class LayerOps:
 
 
 class LinearOps(LayerOps):
-    def weight_matrix(self, base):
-        return base.weight
+    def as_matrix(self, t):
+        return t
 
     def to_weight_layout(self, delta, base):
         return delta
@@ -81,8 +85,8 @@ class LinearOps(LayerOps):
 class Conv1DOps(LinearOps):
     """transformers' Conv1D: weight is (in, out), y = x @ W + b."""
 
-    def weight_matrix(self, base):
-        return base.weight.T
+    def as_matrix(self, t):
+        return t.T
 
     def to_weight_layout(self, delta, base):
         return delta.T
@@ -91,8 +95,8 @@ class Conv1DOps(LinearOps):
 class Conv2dOps(LayerOps):
     """A is a conv with the base kernel (r, c·kh·kw); B is a 1×1 conv (m, r)."""
 
-    def weight_matrix(self, base):
-        return base.weight.reshape(self.m, self.n)
+    def as_matrix(self, t):
+        return t.reshape(self.m, self.n)
 
     def to_weight_layout(self, delta, base):
         return delta.reshape(base.weight.shape)
@@ -111,8 +115,8 @@ class Conv2dOps(LayerOps):
 class EmbeddingOps(LayerOps):
     """Embedding W is (num, dim); its matrix view is (dim, num): one-hot in, vector out."""
 
-    def weight_matrix(self, base):
-        return base.weight.T
+    def as_matrix(self, t):
+        return t.T
 
     def to_weight_layout(self, delta, base):
         return delta.T

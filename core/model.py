@@ -1,7 +1,9 @@
-"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`."""
+"""Attaching adapters to a model: `adapt`, `adapters`, `merge`, `unmerge`, `unload`."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,12 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, GeopeftError, TargetError
-from .interfaces import Adapter, Recipe
+from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
 from .layers import layer_ops
+from .originals import snapshot, swapped_in, trainable_modules
 from .recipes import Resolved, resolve
+from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
 
 STATE_ATTR = "geopeft_state"
+logger = logging.getLogger("geopeft")
 
 
 class AdaptedLayer(nn.Module):
@@ -36,9 +41,19 @@ class AdaptedLayer(nn.Module):
             if fused is not None:
                 return fused
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled and not self.merged and base_shift(self.adapter) is not None:
+            return add_shift_output(self.adapter, x, out)  # the unshifted base function
         if self.merged or self.disabled:
             return out
         return self.adapter(x, out)
+
+    def __repr__(self) -> str:
+        """The base layer, and the adapter on one line (its own submodules, e.g. dropout,
+        are in its options)."""
+        flags = [f for f in ("merged", "disabled") if getattr(self, f)]
+        state = f"  [{', '.join(flags)}]" if flags else ""
+        return (f"{type(self).__name__}(\n  (base_layer): {self.base_layer!r}\n"
+                f"  (adapter): {type(self.adapter).__name__}({self.adapter.extra_repr()}){state}\n)")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -76,6 +91,9 @@ class AdaptState:
     rank: int
     alpha: float | None
     trainable: list[str] = field(default_factory=list)
+    #: the base model's values of the `trainable` modules (`originals.snapshot`), which
+    #: `disable_adapters` puts back for its block
+    originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "recipe": self.resolved.to_json(),
@@ -96,12 +114,22 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
     if find_state(model) is not None:
         raise GeopeftError("this model already has geopeft adapters; adapt a fresh model, or "
                            "geopeft.load(base_model, dir) to restore saved ones")
-    if not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"rank must be a positive int, got {rank!r}")
+    try:
+        check_rank(rank)
+        check_alpha(alpha)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if alpha is not None:
         overrides["alpha"] = alpha
-    resolved = resolve(method, overrides, context=model_context(model))
     found = find_targets(model, targets, exclude)
+    on_meta = [name for name, module in found if module.weight.is_meta]
+    if on_meta:
+        raise ConfigError(f"layer(s) {', '.join(on_meta[:3])} are on the meta device (no weights): "
+                          "adapt initialises factors from real values; materialise the model first "
+                          "(model.to_empty(device=...) and load its weights), then adapt — or, to "
+                          "restore a saved adapter, geopeft.load it onto the materialised model")
+    resolved = resolve(method, overrides, context=model_context(model, found))
+    _log_inferred_facts(model, resolved, found)
     trainable = list(trainable or [])
     _check_trainable(model, trainable)
 
@@ -117,12 +145,13 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
             raise ConfigError(f"trainable={t!r} contains adapted layer(s) {', '.join(inside[:3])}: a "
                               "module is either adapted or fully trained; narrow targets= or trainable=")
     built = build_adapters(resolved, found, ranks or {}, rank)  # nothing changed yet
+    originals = snapshot(model, trainable)
     pairs = [(name, adapter) for name, _, adapter in built]
     with installed(model, built, trainable):
         with torch.no_grad():
             resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
             project_onto_manifolds([a for _, a in pairs])
-    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable))
+    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable, originals))
     return model
 
 
@@ -131,15 +160,44 @@ _HIDDEN_SIZE_ATTRS = (("config", "hidden_size"), ("config", "d_model"), ("config
                       (None, "embed_dim"))
 
 
-def model_context(model: nn.Module) -> dict[str, Any]:
+def model_context(model: nn.Module, layers: Sequence[tuple[str, nn.Module]] = ()) -> dict[str, Any]:
     """Facts about `model` that components may take as default options (see
-    `recipes.resolve`): `hidden_size` when the model declares it."""
+    `recipes.resolve`): `hidden_size`, as the model declares it or, when it declares none,
+    inferred from the layers to adapt (`infer_hidden_size`)."""
+    declared = declared_hidden_size(model)
+    inferred = declared or infer_hidden_size(layers)
+    return {"hidden_size": inferred} if inferred else {}
+
+
+def declared_hidden_size(model: nn.Module) -> int | None:
+    """config.hidden_size / d_model / n_embd, or timm's embed_dim; None if none is declared."""
     for holder, attr in _HIDDEN_SIZE_ATTRS:
         obj = getattr(model, holder, None) if holder else model
         value = getattr(obj, attr, None) if obj is not None else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return {"hidden_size": value}
-    return {}
+            return value
+    return None
+
+
+def infer_hidden_size(layers: Sequence[tuple[str, nn.Module]]) -> int | None:
+    """The most common dimension among the layers' (out, in) matrix shapes (ties: the
+    larger): in a transformer the d × d attention projections outvote the MLP's 4d."""
+    counts: Counter[int] = Counter()
+    for _, module in layers:
+        ops = layer_ops(module)
+        if ops is not None:
+            counts.update((ops.m, ops.n))
+    if not counts:
+        return None
+    return max(counts, key=lambda d: (counts[d], d))
+
+
+def _log_inferred_facts(model: nn.Module, resolved: Resolved, found) -> None:
+    d = resolved.model_facts.get("hidden_size")
+    if d is not None and declared_hidden_size(model) is None:
+        logger.info("geopeft: the model declares no hidden size (config.hidden_size); using "
+                    "hidden_size=%d, the most common dimension among the %d adapted layers. Pass "
+                    "hidden_size=<d> to geopeft.adapt to set it.", d, len(found))
 
 
 def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
@@ -182,15 +240,46 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """The base architecture back, in place: every adapted layer is replaced by its base
+    layer, with ΔW merged into the weight (`merge=True`, as `merge` rounds it: a base weight
+    an initializer shifted becomes W − s·B₀A₀ + ΔW, the fine-tuned weight) or dropped
+    (`merge=False`: the original W, a shift undone up to one rounding), and the geopeft
+    state is removed — `state_dict()` keys and `save_pretrained` are the base model's
+    again. Trained `trainable` modules keep their weights; `requires_grad` flags stay as
+    training left them. Returns `model`."""
+    root = find_root(model)
+    layers = _layers_or_error(model)
+    for name, layer in layers:
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+            unshift_base(layer.adapter)
+        _replace(root, name, layer.base_layer)
+    delattr(root, STATE_ATTR)
+    return model
+
+
 @contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes its base function (adapters skipped)."""
+    """Within the block the model computes its base function exactly: adapters are skipped
+    and `trainable=` modules use the base model's values, kept by `adapt` (as PEFT's
+    modules_to_save keeps the originals). Refused on a merged model (its base weights hold
+    ΔW): `unmerge` it first."""
     layers = _layers_or_error(model)
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise GeopeftError(f"the model is merged (e.g. {merged[0]!r}): its base weights hold ΔW, so "
+                           "disabling the adapters would not give the base model; call "
+                           "geopeft.unmerge(model) first")
+    state = find_state(model)
     before = [layer.disabled for _, layer in layers]
     for _, layer in layers:
         layer.disabled = True
     try:
-        yield model
+        with swapped_in(find_root(model), state.originals if state is not None else {}):
+            yield model
     finally:
         for (_, layer), flag in zip(layers, before):
             layer.disabled = flag
@@ -225,15 +314,29 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
             raise ConfigError(f"adapter {resolved.recipe.adapter!r} on {name!r} with options "
                               f"{options}: {exc}") from exc
         adapter.set_manifolds(resolved.manifolds)
+        _check_manifolds_fit(resolved, name, adapter)
         built.append((name, module, adapter))
     return built
+
+
+def _check_manifolds_fit(resolved: Resolved, layer: str, adapter: Adapter) -> None:
+    """Each factor's shape suits its manifold (`Manifold.shape_problem`), else ConfigError."""
+    for key, manifold in adapter.factor_manifolds().items():
+        shapes = tuple(tuple(getattr(adapter, n).shape) for n in factor_names_of(key))
+        problem = manifold.shape_problem(shapes if manifold.coupled else shapes[0])
+        if problem:
+            shown = " and ".join("x".join(map(str, s)) for s in shapes)
+            raise ConfigError(f"manifold {resolved.recipe.manifolds.get(key, manifold.name)!r} does not "
+                              f"fit factor {key!r} of the adapter on {layer!r}: the factor is {shown}, "
+                              f"but {problem}; give that factor another manifold (e.g. 'euclidean')")
 
 
 @contextmanager
 def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
               trainable: Sequence[str]):
     """Freeze the model, wrap each layer with its adapter, unfreeze `trainable`; if the
-    body raises, put every layer and `requires_grad` flag back as it was."""
+    body raises, put every layer and `requires_grad` flag back as it was (and every base
+    weight an initializer shifted, up to one rounding)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -245,6 +348,8 @@ def installed(model: nn.Module, built: Sequence[tuple[str, nn.Module, Adapter]],
         set_trainable(model, trainable)
         yield
     except BaseException:
+        for _, _, adapter in built:  # an initializer may have shifted base weights
+            unshift_base(adapter)
         for name, module in reversed(done):
             _replace(model, name, module)
         for p, flag in flags:
@@ -256,10 +361,9 @@ def trainable_params(model: nn.Module, trainable: Sequence[str]) -> list[tuple[s
     """[(full parameter name, parameter)] of the modules named in `trainable`, their
     submodules' included, each once: what `adapt` unfreezes, `save` and `export_peft` write."""
     found: dict[str, nn.Parameter] = {}
-    for mname, module in model.named_modules():
-        if any(name_matches(mname, t) for t in trainable):
-            for pname, p in module.named_parameters():
-                found.setdefault(f"{mname}.{pname}", p)
+    for mname, module in trainable_modules(model, trainable):
+        for pname, p in module.named_parameters():
+            found.setdefault(f"{mname}.{pname}", p)
     return list(found.items())
 
 
@@ -284,6 +388,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _check_rank(name: str, module: nn.Module, rank: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"the rank of layer {name!r} must be a positive int, got {rank!r} "
+                          f"({type(rank).__name__})")
     ops = layer_ops(module)
     if rank > min(ops.m, ops.n):
         raise ConfigError(f"rank {rank} is larger than layer {name!r} allows ({ops.m}x{ops.n}): "

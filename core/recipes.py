@@ -1,20 +1,28 @@
-"""Turning `method="..."` plus overrides into component instances.
+"""Turning `method="..."` plus overrides into component instances, and back to JSON.
 
-Overrides whose key is a recipe field (`adapter`, `manifolds` or `manifold`,
-`transforms`, `rank_controller`, `initializer`, `riemannian_grad`,
-`project_every`, `moments`) replace that part, by registered name or by
-instance. Any other keyword is an *option*: it goes to every component whose
-constructor accepts it (e.g. `rslora` and `dropout` to the adapter,
-`retraction` to a manifold). An option nobody accepts is an error that lists
-the accepted ones.
+Overrides whose key is a recipe part (`Recipe.parts()`: `adapter`, `manifolds` or
+`manifold`, `transforms`, `rank_controller`, `initializer`) replace that part, by
+registered name, class or instance; a step setting (`Recipe.settings()`:
+`riemannian_grad`, `project_every`, `moments`) replaces the recipe's value. Any
+other keyword is an *option*: it goes to every component whose constructor accepts
+it (e.g. `rslora` and `dropout` to the adapter, `retraction` to a manifold). A
+user's option nobody accepts is an error that lists the accepted ones; a recipe's
+own option nobody accepts (its component was replaced) is dropped.
+
+The saved JSON (`Resolved.to_json`, `from_json`) follows the Recipe's fields and
+names every component by its registered name: `to_json` refuses a component that
+is not registered, `from_json` finds components only through the registry.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import torch
 
 from .errors import ConfigError, IncompatibleComponentsError, did_you_mean
 from .interfaces import (
@@ -27,6 +35,7 @@ from .interfaces import (
     Recipe,
     factor_names_of,
 )
+from .kinds import KINDS
 from .registry import Registry, get_registry
 
 # arguments adapt() gives every adapter itself
@@ -45,23 +54,56 @@ class Resolved:
     transforms: list[GradientTransform]
     rank_controller: RankController
     initializer: Initializer
+    #: model facts (`resolve(context=)`) that a component took as a default option
+    model_facts: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        """What geopeft.json records: names and options of every part."""
-        return {
-            "method": self.recipe.name,
-            "adapter": {"name": self.recipe.adapter, "options": self.adapter_options},
-            "manifolds": {key: {"name": self.recipe.manifolds[key], "options": m.options()}
-                          for key, m in self.manifolds.items()},
-            "transforms": [{"name": n, "options": t.options()}
-                           for n, t in zip(self.recipe.transforms, self.transforms)],
-            "rank_controller": {"name": self.recipe.rank_controller,
-                                "options": self.rank_controller.options()},
-            "initializer": {"name": self.recipe.initializer, "options": self.initializer.options()},
-            "riemannian_grad": self.recipe.riemannian_grad,
-            "project_every": self.recipe.project_every,
-            "moments": self.recipe.moments,
-        }
+    def components(self) -> dict[str, Any]:
+        """{recipe part field: the adapter class, or the instance(s)}, shaped like the field."""
+        return {"adapter": self.adapter_cls, "manifolds": self.manifolds, "transforms": self.transforms,
+                "rank_controller": self.rank_controller, "initializer": self.initializer}
+
+    def to_json(self, registry: Registry | None = None) -> dict[str, Any]:
+        """What geopeft.json records: every part's registered name and options, and the
+        step settings. A component that is not registered is refused (ConfigError): `load`
+        could not find it again."""
+        reg = registry or get_registry()
+        unregistered: list[tuple[str, type]] = []
+
+        def entry(kind: str, recorded: str, obj: Any) -> dict[str, Any]:
+            cls = obj if isinstance(obj, type) else type(obj)
+            name = recorded if _is_registered_as(reg, kind, recorded, cls) else reg.name_of(kind, cls)
+            if name is None:
+                unregistered.append((kind, cls))
+            options = self.adapter_options if kind == "adapter" else obj.options()
+            return {"name": name, "options": options_to_json(options, f"{KINDS[kind].label} {name!r}")}
+
+        out: dict[str, Any] = {"method": self.recipe.name}
+        instances = self.components()
+        for fname, kind in Recipe.parts().items():
+            names, objs = getattr(self.recipe, fname), instances[fname]
+            if isinstance(objs, Mapping):
+                out[fname] = {key: entry(kind, names[key], obj) for key, obj in objs.items()}
+            elif isinstance(objs, list):
+                out[fname] = [entry(kind, n, obj) for n, obj in zip(names, objs)]
+            else:
+                out[fname] = entry(kind, names, objs)
+        if unregistered:
+            raise ConfigError(_unregistered_message(unregistered))
+        out.update({fname: getattr(self.recipe, fname) for fname in Recipe.settings()})
+        return out
+
+
+def _is_registered_as(reg: Registry, kind: str, name: str, cls: type) -> bool:
+    return name in reg.names(kind) and reg.get(kind, name) is cls
+
+
+def _unregistered_message(parts: list[tuple[str, type]]) -> str:
+    listing = "; ".join(f"{KINDS[k].label} {c.__name__} (defined in {c.__module__})" for k, c in parts)
+    kind, cls = parts[0]
+    return (f"cannot save: not registered, so geopeft.load could not find it again: {listing}. "
+            f"Register each before saving, e.g. geopeft.register({kind!r}, "
+            f"'{cls.__name__.lower()}', {cls.__name__}) (and again before loading), or ship it "
+            "in a plugin (docs/plugins.md). Nothing was written.")
 
 
 def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
@@ -76,19 +118,22 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
     recipe = replace(recipe, manifolds=dict(recipe.manifolds), transforms=list(recipe.transforms),
                      options=dict(recipe.options))
     parts: dict[str, Any] = {}
-    options = dict(recipe.options)
+    user_options: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         key = _ALIASES.get(key, key)
         if key is None:
             raise ConfigError("pass the method as adapt(model, method=...), not as an override")
-        if key in ("adapter", "manifolds", "transforms", "rank_controller", "initializer"):
+        if key in Recipe.parts():
             parts[key] = value
-        elif key in ("riemannian_grad", "project_every", "moments"):
+        elif key in Recipe.settings():
             setattr(recipe, key, value)
-        elif key in ("name", "description", "options"):
+        elif key == "lr":
+            raise ConfigError("lr is the optimizer's: pass it to geopeft.optimizer(model, ..., lr=...), "
+                              "not to adapt")
+        elif key in Recipe.field_names():
             raise ConfigError(f"{key!r} cannot be overridden")
         else:
-            options[key] = value
+            user_options[key] = value
     _check_recipe_values(recipe)
 
     adapter_name, adapter_cls = _adapter(parts.get("adapter", recipe.adapter), reg)
@@ -102,8 +147,9 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
                               RankController, reg)
     init_named = _named("initializer", parts.get("initializer", recipe.initializer), Initializer, reg)
 
-    routed = _route_options(options, adapter_name, adapter_cls, manifold_named, transforms_named,
-                            controller_named, init_named, context or {})
+    targets = _option_targets(adapter_name, adapter_cls, manifold_named, transforms_named,
+                              controller_named, init_named)
+    routed, options, model_facts = _route_options(targets, recipe.options, user_options, context or {})
     # one instance per distinct manifold name, so same-geometry factors batch together
     shared: dict[str, Manifold] = {}
     manifolds: dict[FactorKey, Manifold] = {}
@@ -124,6 +170,7 @@ def resolve(method: str | Recipe, overrides: Mapping[str, Any] | None = None,
     resolved = Resolved(
         recipe=recipe, adapter_cls=adapter_cls, adapter_options=routed.get(("adapter", adapter_name), {}),
         manifolds=manifolds, transforms=transforms, rank_controller=controller, initializer=initializer,
+        model_facts=model_facts,
     )
     check_compatible(resolved)
     return resolved
@@ -142,6 +189,10 @@ def check_compatible(resolved: Resolved) -> None:
             raise IncompatibleComponentsError(
                 f"manifold {recipe.manifolds[key]!r} is set for factor {key!r}, but adapter "
                 f"{adapter!r} has factors {have_text}")
+        if manifold.post_step not in Manifold.POST_STEPS:
+            raise IncompatibleComponentsError(
+                f"manifold {recipe.manifolds[key]!r} has post_step={manifold.post_step!r}; the "
+                f"optimizer knows {', '.join(map(repr, Manifold.POST_STEPS))}: fix the manifold class")
         if manifold.coupled != (len(names) > 1):
             kind = "couples several factors" if manifold.coupled else "takes one factor"
             raise IncompatibleComponentsError(
@@ -149,6 +200,7 @@ def check_compatible(resolved: Resolved) -> None:
                 f"assigns it to {key!r}")
     parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
     parts.append(("initializer", recipe.initializer, resolved.initializer))
+    parts.append(("rank controller", recipe.rank_controller, resolved.rank_controller))
     for label, name, part in parts:
         missing = sorted(set(part.requires) - have)
         if missing:
@@ -220,10 +272,10 @@ def _named(kind: str, value: Any, base: type, reg: Registry) -> tuple[str, Any]:
 
 
 def _name_of(kind: str, cls: type, reg: Registry) -> str:
-    for name in reg.names(kind):
-        if reg.get(kind, name) is cls:
-            return name
-    return f"{cls.__module__}:{cls.__qualname__}"
+    """The registered name of `cls`; for a class from user code that is not registered, a
+    placeholder (`to_json`, and so `save`, refuse it with a message on registering it)."""
+    name = reg.name_of(kind, cls)
+    return name if name is not None else f"<unregistered {cls.__module__}.{cls.__qualname__}>"
 
 
 def _instantiate(named: tuple[str, Any], options: dict[str, Any]) -> Any:
@@ -244,30 +296,48 @@ def _accepted(cls: Any, reserved: set[str] = frozenset()) -> set[str]:
             if p not in reserved and p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
 
 
-def _route_options(options, adapter_name, adapter_cls, manifold_named, transforms_named,
-                   controller_named, init_named, context) -> dict[tuple[str, str], dict[str, Any]]:
-    targets: list[tuple[tuple[str, str], set[str]]] = [
-        (("adapter", adapter_name), _accepted(adapter_cls, _ADAPTER_RESERVED))]
+OptionTargets = list[tuple[tuple[str, str], set[str]]]
+
+
+def _option_targets(adapter_name, adapter_cls, manifold_named, transforms_named, controller_named,
+                    init_named) -> OptionTargets:
+    """[((kind, name), the options its constructor accepts)] for every part of the recipe."""
+    targets: OptionTargets = [(("adapter", adapter_name), _accepted(adapter_cls, _ADAPTER_RESERVED))]
     targets += [(("manifold", n), _accepted(obj)) for n, obj in manifold_named.values()]
     targets += [(("gradient_transform", n), _accepted(obj)) for n, obj in transforms_named]
     targets.append((("rank_controller", controller_named[0]), _accepted(controller_named[1])))
     targets.append((("initializer", init_named[0]), _accepted(init_named[1])))
+    return targets
+
+
+def _route_options(targets: OptionTargets, recipe_options: Mapping[str, Any],
+                   user_options: Mapping[str, Any], context: Mapping[str, Any]):
+    """Options to the components that take them: the recipe's own (dropped when no part takes
+    them — an override replaced the part that did), then the user's (an error when no part
+    takes one), then model facts as defaults. Returns (routed {(kind, name): options}, the
+    options that were taken, the model facts that were taken)."""
     routed: dict[tuple[str, str], dict[str, Any]] = {}
-    for key, value in options.items():
-        takers = [t for t, accepted in targets if key in accepted]
-        if not takers:
-            listing = "; ".join(f"{kind.replace('_', ' ')} {name!r}: {', '.join(sorted(acc)) or '(none)'}"
-                                for (kind, name), acc in targets)
-            every = set().union(*(acc for _, acc in targets))
-            raise ConfigError(f"unknown option {key!r}{did_you_mean(key, every)} options accepted by "
-                              f"this method's components: {listing}")
-        for taker in takers:
-            routed.setdefault(taker, {})[key] = value
+    taken: dict[str, Any] = {}
+    for strict, options in ((False, recipe_options), (True, user_options)):
+        for key, value in options.items():
+            takers = [t for t, accepted in targets if key in accepted]
+            if not takers and strict:
+                listing = "; ".join(f"{kind.replace('_', ' ')} {name!r}: {', '.join(sorted(acc)) or '(none)'}"
+                                    for (kind, name), acc in targets)
+                every = set().union(*(acc for _, acc in targets))
+                raise ConfigError(f"unknown option {key!r}{did_you_mean(key, every)} options accepted by "
+                                  f"this method's components: {listing}")
+            for taker in takers:
+                routed.setdefault(taker, {})[key] = value
+            if takers:
+                taken[key] = value
+    facts: dict[str, Any] = {}
     for key, value in context.items():  # model facts: defaults, for whoever takes them
         for taker, accepted in targets:
-            if key in accepted:
-                routed.setdefault(taker, {}).setdefault(key, value)
-    return routed
+            if key in accepted and key not in routed.get(taker, {}):
+                routed.setdefault(taker, {})[key] = value
+                facts[key] = value
+    return routed, taken, facts
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -278,34 +348,93 @@ def _as_list(value: Any) -> list[Any]:
     return list(value)
 
 
+#: how geopeft.json holds a torch.dtype option: {"torch.dtype": "float32"}
+_DTYPE_TAG = "torch.dtype"
+
+
+def options_to_json(options: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """`options` as JSON values: a torch.dtype becomes {"torch.dtype": "float32"}, tuples
+    lists; anything else JSON cannot hold (a tensor, a function, NaN) is a ConfigError
+    naming `owner` and the option."""
+    return {key: _json_value(value, f"option {key!r} of {owner}") for key, value in options.items()}
+
+
+def options_from_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `options_to_json`."""
+    return {key: _from_json_value(value) for key, value in options.items()}
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if isinstance(value, torch.dtype):
+        return {_DTYPE_TAG: str(value).removeprefix("torch.")}
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} is {value}, which geopeft.json cannot hold; use a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v, where) for k, v in value.items()}
+    raise ConfigError(f"{where} is a {type(value).__name__}, which geopeft.json cannot hold: pass "
+                      "a string, number, bool, list, dict or torch.dtype, or register a component "
+                      "whose options are such values")
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_DTYPE_TAG}:
+            dtype = getattr(torch, str(value[_DTYPE_TAG]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ConfigError(f"unknown torch dtype {value[_DTYPE_TAG]!r}")
+            return dtype
+        return {k: _from_json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json_value(v) for v in value]
+    return value
+
+
 def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Resolved:
-    """Rebuild a Resolved from `Resolved.to_json()`, each part with its own saved options."""
+    """Rebuild a Resolved from `Resolved.to_json()`, each part with its own saved options.
+    Components are looked up by name in the registry only (nothing named in the file is
+    imported); one manifold instance per distinct (name, options), as `resolve` shares them."""
     reg = registry or get_registry()
+    shared: dict[tuple[str, str], Any] = {}
 
     def build(kind: str, part: Mapping[str, Any]) -> Any:
-        return _instantiate((part["name"], reg.get(kind, part["name"])), dict(part.get("options", {})))
+        cls = reg.get(kind, part["name"])
+        if kind == "adapter":
+            return cls
+        options = dict(part.get("options", {}))
+        sig = (part["name"], json.dumps(options, sort_keys=True, default=str))
+        if kind == "manifold" and sig in shared:
+            return shared[sig]
+        obj = _instantiate((part["name"], cls), options_from_json(options))
+        if kind == "manifold":
+            shared[sig] = obj
+        return obj
 
-    adapter_name = saved["adapter"]["name"]
-    adapter_cls = reg.get("adapter", adapter_name)
-    manifolds: dict[FactorKey, Manifold] = {}
-    shared: dict[tuple[str, str], Manifold] = {}
-    for key, part in saved["manifolds"].items():
-        sig = (part["name"], repr(sorted(part.get("options", {}).items())))
-        manifolds[key] = shared.setdefault(sig, build("manifold", part))
-    transforms = [build("gradient_transform", t) for t in saved["transforms"]]
-    recipe = Recipe(
-        name=saved["method"], adapter=adapter_name,
-        manifolds={k: v["name"] for k, v in saved["manifolds"].items()},
-        transforms=[t["name"] for t in saved["transforms"]],
-        rank_controller=saved["rank_controller"]["name"], initializer=saved["initializer"]["name"],
-        riemannian_grad=saved["riemannian_grad"], project_every=saved["project_every"],
-        moments=saved["moments"],
-    )
+    names: dict[str, Any] = {}
+    built: dict[str, Any] = {}
+    for fname, kind in Recipe.parts().items():
+        value = saved[fname]
+        if isinstance(value, list):
+            names[fname] = [v["name"] for v in value]
+            built[fname] = [build(kind, v) for v in value]
+        elif "name" in value:
+            names[fname] = value["name"]
+            built[fname] = build(kind, value)
+        else:  # {factor key: part}
+            names[fname] = {k: v["name"] for k, v in value.items()}
+            built[fname] = {k: build(kind, v) for k, v in value.items()}
+    settings = {fname: saved[fname] for fname in Recipe.settings() if fname in saved}
+    recipe = Recipe(name=saved["method"], **names, **settings)
+    _check_recipe_values(recipe)
     resolved = Resolved(
-        recipe=recipe, adapter_cls=adapter_cls, adapter_options=dict(saved["adapter"]["options"]),
-        manifolds=manifolds, transforms=transforms,
-        rank_controller=build("rank_controller", saved["rank_controller"]),
-        initializer=build("initializer", saved["initializer"]),
+        recipe=recipe, adapter_cls=built["adapter"], adapter_options=options_from_json(saved["adapter"].get("options", {})),
+        manifolds=built["manifolds"], transforms=built["transforms"],
+        rank_controller=built["rank_controller"], initializer=built["initializer"],
     )
     check_compatible(resolved)
     return resolved

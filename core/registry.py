@@ -1,8 +1,11 @@
-"""Where components are found: pluggy plugins from the `geopeft` entry-point group.
+"""Where components are found: core's own (`builtins`, the plugin "core"), pluggy
+plugins from the `geopeft` entry-point group, and components registered from user
+code with `geopeft.register` (the plugin "user").
 
 Built-in plugins are entry points too. A plugin that fails to import is
 recorded (name, distribution, error) and does not take the others down;
-`GEOPEFT_PLUGINS=a,b` limits which entry points are loaded.
+`GEOPEFT_PLUGINS=a,b` limits which entry points are loaded (core's components
+are always there).
 """
 
 from __future__ import annotations
@@ -17,19 +20,17 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import builtins, hookspecs
 from .errors import PluginError, UnknownComponentError, did_you_mean
-from .hookspecs import KIND_HOOKS, PROJECT
-from .interfaces import Adapter, GradientTransform, Initializer, Manifold, RankController, Recipe
+from .hookspecs import PROJECT
+from .kinds import KINDS
 
-KINDS = tuple(KIND_HOOKS)
-_EXPECTED = {
-    "adapter": Adapter,
-    "manifold": Manifold,
-    "gradient_transform": GradientTransform,
-    "rank_controller": RankController,
-    "initializer": Initializer,
-}
+#: the plugin names of core's own components and of `geopeft.register`'s
+CORE_PLUGIN = "core"
+USER_PLUGIN = "user"
+
+#: kind -> name -> object, registered from user code; kept across `reset_registry`
+_USER_COMPONENTS: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self._components: dict[str, dict[str, Entry]] | None = None
         self._lock = threading.RLock()
+        self.pm.register(builtins, name=CORE_PLUGIN)
+        self.plugins[CORE_PLUGIN] = PluginInfo(CORE_PLUGIN, "geopeft", _version())
         if load_entry_points:
             self._load_entry_points()
 
@@ -98,7 +101,7 @@ class Registry:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            valid = ", ".join(KIND_HOOKS.values())
+            valid = ", ".join(k.hook for k in KINDS.values())
             name = self.pm.get_name(exc.plugin) or exc.plugin
             raise PluginError(
                 f"plugin {name!r} implements a hook that geopeft does not define: {exc}. "
@@ -133,15 +136,20 @@ class Registry:
             for info in self.plugins.values():
                 info.components = {}
                 info.registration_errors = []
-            for kind, hook_name in KIND_HOOKS.items():
-                hook = getattr(self.pm.hook, hook_name)
+            for kind in KINDS.values():
+                hook = getattr(self.pm.hook, kind.hook)
                 for impl in hook.get_hookimpls():  # registration order
-                    register = self._make_register(kind, impl.plugin_name, components[kind])
+                    register = self._make_register(kind.name, impl.plugin_name, components[kind.name])
                     try:
                         impl.function(register=register)
                     except Exception as exc:
-                        self._fail(impl.plugin_name, f"{hook_name} raised {type(exc).__name__}: {exc}"
+                        self._fail(impl.plugin_name, f"{kind.hook} raised {type(exc).__name__}: {exc}"
                                    f"\n{traceback.format_exc(limit=3)}")
+            for kind, named in _USER_COMPONENTS.items():  # user code last: plugins keep their names
+                if named:
+                    register = self._make_register(kind, USER_PLUGIN, components[kind])
+                    for name, obj in named.items():
+                        register(name, obj)
             self._components = components
             return components
 
@@ -158,17 +166,52 @@ class Registry:
         return register
 
     def _validate(self, kind: str, plugin: str, name: str, obj: Any) -> None:
-        if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {plugin!r} registered a {kind} with an invalid name {name!r}")
-        if kind == "method":
-            if not isinstance(obj, Recipe):
-                raise PluginError(f"plugin {plugin!r}: method {name!r} must be a geopeft.Recipe, "
-                                  f"got {type(obj).__name__}")
-            return
-        expected = _EXPECTED[kind]
-        if not (isinstance(obj, type) and issubclass(obj, expected)):
-            raise PluginError(f"plugin {plugin!r}: {kind} {name!r} must be a subclass of "
-                              f"geopeft.{expected.__name__}, got {obj!r}")
+        if not isinstance(name, str) or not name or "," in name:
+            raise PluginError(f"plugin {plugin!r} registered a {kind} with an invalid name {name!r} "
+                              "(a non-empty string without commas)")
+        spec = KINDS[kind]
+        ok = isinstance(obj, spec.base) if spec.instance else (
+            isinstance(obj, type) and issubclass(obj, spec.base))
+        if not ok:
+            got = type(obj).__name__ if spec.instance else repr(obj)
+            raise PluginError(f"plugin {plugin!r}: {kind} {name!r} must be {spec.expected}, got {got}")
+
+    # ------------------------------------------------------------------ user code
+    def register(self, kind: str, name: str, obj: Any, *, replace: bool = False) -> None:
+        """Register a component class (or, for kind "method", a Recipe) from user code under
+        the plugin "user": the checks of plugin registration, and a name already taken is an
+        error (`replace=True` replaces an earlier `register` of the same name)."""
+        self._kind(kind)
+        with self._lock:
+            self._validate(kind, USER_PLUGIN, name, obj)
+            table = self._table(kind)
+            taken = table.get(name)
+            if taken is not None and not (replace and taken.plugin == USER_PLUGIN):
+                if taken.obj is obj:
+                    return  # the same object again (a re-run notebook cell): nothing to do
+                hint = (" (pass replace=True to replace your earlier registration)"
+                        if taken.plugin == USER_PLUGIN else "; pick another name")
+                raise PluginError(f"{KINDS[kind].label} {name!r} is already registered by plugin "
+                                  f"{taken.plugin!r}{hint}")
+            _USER_COMPONENTS[kind][name] = obj
+            self._components = None
+
+    def unregister(self, kind: str, name: str) -> None:
+        """Forget a component registered with `register`."""
+        self._kind(kind)
+        with self._lock:
+            if name not in _USER_COMPONENTS[kind]:
+                raise PluginError(f"{KINDS[kind].label} {name!r} was not registered with "
+                                  "geopeft.register; only those can be unregistered")
+            del _USER_COMPONENTS[kind][name]
+            self._components = None
+
+    def name_of(self, kind: str, obj: Any) -> str | None:
+        """The name under which the class `obj` is registered (None if it is not)."""
+        for entry in self._table(kind).values():
+            if entry.obj is obj:
+                return entry.name
+        return None
 
     def _fail(self, plugin: str, message: str) -> None:
         info = self.plugins.setdefault(plugin, PluginInfo(plugin))
@@ -176,6 +219,10 @@ class Registry:
         warnings.warn(f"geopeft plugin {plugin!r}: {message}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ lookup
+    def items(self, kind: str) -> list[tuple[str, Any]]:
+        """[(name, registered object)] of `kind`, in registration order."""
+        return [(name, entry.obj) for name, entry in self._table(kind).items()]
+
     def names(self, kind: str) -> list[str]:
         return sorted(self._table(kind))
 
@@ -184,7 +231,7 @@ class Registry:
         table = self._table(kind)
         if name in table:
             return table[name].obj
-        label = kind.replace("_", " ")
+        label = KINDS[kind].label
         available = sorted(table)
         message = (f"unknown {label} {name!r}{did_you_mean(name, available)} "
                    f"available: {', '.join(available) or '(none)'}")
@@ -201,9 +248,21 @@ class Registry:
         return {kind: self.names(kind) for kind in KINDS}
 
     def _table(self, kind: str) -> dict[str, Entry]:
-        if kind not in KIND_HOOKS:
-            raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+        self._kind(kind)
         return self._collect()[kind]
+
+    @staticmethod
+    def _kind(kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown component kind {kind!r}"
+                             f"{did_you_mean(kind, list(KINDS)) or ';'} kinds: {', '.join(KINDS)}")
+
+
+def _version() -> str:
+    try:
+        return md.version("geopeft")
+    except md.PackageNotFoundError:
+        return "unknown"
 
 
 def _allow_list() -> set[str] | None:

@@ -1,9 +1,7 @@
 """geopeft demo: a short, real LoRA fine-tune of pretrained MiniLM on a topic-classification task.
 
-Run it with
+Run it from the repository root, after `make demo` (or `make test`) built .venv once:
 
-    make demo
-    # or, from the repository root, after `make demo` (or `make test`) built .venv once:
     .venv/bin/python examples/demo.py [--steps 80] [--rank 8] [--lr 1e-3] [--method lora]
 
 What it does, on CPU, in well under a minute (about 20 s on 2 idle cores):

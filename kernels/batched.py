@@ -69,3 +69,17 @@ def resize_along(t: Tensor, dims: Sequence[int], new_rank: int, keep: Tensor | N
             pad_shape[d] = new_rank - out.shape[d]
             out = torch.cat([out, out.new_zeros(pad_shape)], dim=d)
     return out.contiguous()
+
+
+def change_basis(t: Tensor, dims: Sequence[int], bases: Sequence[Tensor]) -> Tensor:
+    """Stacked tensors t (G, ...) with each rank dim `dims[i]` (counted in the unstacked
+    tensor) mapped by the stacked matrices `bases[i]` (G, r_old, r_new):
+    out[g] = t[g] ×_d bases[g] (the new index j along d is Σ_k t[.., k, ..]·basis[k, j]).
+    A rank controller's change of basis: a rotation, a selection, a zero-padded embedding."""
+    out = t
+    for d, basis in zip(dims, bases):
+        moved = out.movedim(d + 1, -1)
+        shape = moved.shape
+        mapped = moved.reshape(shape[0], -1, shape[-1]) @ basis.to(moved.dtype)
+        out = mapped.reshape(*shape[:-1], basis.shape[-1]).movedim(-1, d + 1)
+    return out.contiguous()

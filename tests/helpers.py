@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,3 +24,44 @@ class TinyNet(nn.Module):
         h = h + self.value(torch.tanh(self.query(h)))
         h = h + self.ffn(h)
         return self.classifier(h.mean(1))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable[[nn.Module, int], torch.Tensor],
+          steps: int, start: int = 0) -> list[float]:
+    """`steps` optimizer steps on `loss(model, i)` for i = start, …, start + steps − 1
+    (backward, step, zero_grad); returns the loss values."""
+    values = []
+    for i in range(start, start + steps):
+        value = loss(model, i)
+        value.backward()
+        opt.step()
+        opt.zero_grad()
+        values.append(value.item())
+    return values
+
+
+def tiny_batch(seed: int, n: int = 8) -> torch.Tensor:
+    """Token ids (n, 6) for TinyNet."""
+    return torch.randint(0, 50, (n, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_regression(n: int = 8, classes: int = 3) -> Callable[[nn.Module, int], torch.Tensor]:
+    """A fixed TinyNet batch regressed onto a fixed random target (the same at every step)."""
+    ids = tiny_batch(0, n)
+    target = torch.randn(n, classes, generator=torch.Generator().manual_seed(1))
+    return lambda model, i: (model(ids) - target).pow(2).mean()
+
+
+def mse(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module, int], torch.Tensor]:
+    """Full-batch MSE of model(x) against y, the same at every step."""
+    return lambda model, i: nn.functional.mse_loss(model(x), y)
+
+
+def requires_grad_map(model: nn.Module) -> dict[str, bool]:
+    """{parameter name: requires_grad}: what `adapt`/`load` froze or unfroze."""
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def module_types(model: nn.Module) -> dict[str, type]:
+    """{module name: type}: whether a failed call left the model's structure untouched."""
+    return {n: type(m) for n, m in model.named_modules()}

@@ -18,7 +18,7 @@ from geopeft.geometry import max_violation
 from geopeft.kernels import balance, default_rank_rtol, push_through_basis_change
 from geopeft.recipes import from_json
 
-from helpers import TinyNet
+from helpers import TinyNet, mse, train
 
 BALANCED = geopeft.registry.get_registry().get("manifold", "balanced")
 
@@ -84,7 +84,7 @@ def test_violation_is_the_relative_gram_gap():
 
 
 def _polar_route(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official code's route (METHODS.md § BaLoRA), one pair at a time: polar
+    """The official code's route (github.com/vcastin/balora; docs/methods/balora.md), one pair at a time: polar
     decompositions A = S_A P_A (S_A = (AAᵀ)^½ r×r, P_A orthonormal rows) and
     B = P_B S_B (S_B = (BᵀB)^½), SVD of the r×r product S_B S_A = UΣVᵀ, then
     A ← √Σ Vᵀ P_A and B ← P_B U √Σ."""
@@ -236,14 +236,7 @@ def _regression(seed: int = 0, m: int = 12, n: int = 16, true_rank: int = 4):
 
 
 def _fit(model, x, y, steps, opt):
-    losses = []
-    for _ in range(steps):
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train(model, opt, mse(x, y), steps)
 
 
 def test_project_every_k_steps():

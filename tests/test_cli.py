@@ -13,10 +13,10 @@ import pytest
 
 import geopeft
 from geopeft import cli
+from geopeft.kinds import KINDS
 from geopeft.registry import get_registry
 
 PLUGIN_KEYS = {"name", "distribution", "version", "components", "error"}
-KINDS = {"adapter", "manifold", "gradient_transform", "rank_controller", "initializer", "method"}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -37,7 +37,7 @@ def _check_plugins_report(report) -> dict[str, dict]:
         assert isinstance(entry, dict)
         assert set(entry) == PLUGIN_KEYS
         assert isinstance(entry["components"], dict)
-        assert set(entry["components"]) <= KINDS
+        assert set(entry["components"]) <= set(KINDS)
     names = [p["name"] for p in report]
     assert names == sorted(names) and len(set(names)) == len(names)
     by_name = {p["name"]: p for p in report}
@@ -135,8 +135,8 @@ def test_console_script_and_allow_list():
     proc = _run(str(script), "plugins", GEOPEFT_PLUGINS="lora")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert [p["name"] for p in report] == ["lora"]
-    assert report[0]["distribution"] == "geopeft"
+    assert [p["name"] for p in report] == ["core", "lora"]  # core's own components always load
+    assert {p["distribution"] for p in report} == {"geopeft"}
 
     proc = _run(str(script), "methods")
     assert proc.returncode == 0, proc.stderr

@@ -1,29 +1,19 @@
-"""Every bad-input path produces its message: targets, ranks, options, the optimizer,
-non-finite gradients and damaged or foreign checkpoints."""
+"""Every bad-input path produces its message: targets, ranks, options, the optimizer and
+non-finite gradients (damaged or foreign checkpoints: test_serialization.py)."""
 
 from __future__ import annotations
 
-import json
-import pickle
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import geopeft
 
+from helpers import module_types, requires_grad_map
+
 IDS = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(1))
-
-
-def _requires_grad(model: nn.Module) -> dict[str, bool]:
-    return {n: p.requires_grad for n, p in model.named_parameters()}
-
-
-def _module_types(model: nn.Module) -> dict[str, type]:
-    return {n: type(m) for n, m in model.named_modules()}
 
 
 class WithNorm(nn.Module):
@@ -48,7 +38,7 @@ class WithGroupedConv(nn.Module):
 
 # --------------------------------------------------------------------------- targets
 def test_targets_matching_nothing_lists_similar_and_adaptable_names(tiny):
-    before = _requires_grad(tiny)
+    before = requires_grad_map(tiny)
     with pytest.raises(geopeft.TargetError) as info:
         geopeft.adapt(tiny, "lora", targets=["qurey"])
     msg = str(info.value)
@@ -58,7 +48,7 @@ def test_targets_matching_nothing_lists_similar_and_adaptable_names(tiny):
     for name in ("query", "value", "classifier", "embed"):
         assert name in adaptable
     assert "Presets:" in msg and "all-linear" in msg
-    assert geopeft.adapters(tiny) == [] and _requires_grad(tiny) == before
+    assert geopeft.adapters(tiny) == [] and requires_grad_map(tiny) == before
 
 
 def test_regex_matching_nothing_is_a_target_error(tiny):
@@ -78,14 +68,14 @@ def test_targets_none_mentions_presets(tiny):
 @pytest.mark.parametrize("targets", [["norm"], ["query", "norm"]])
 def test_targeting_an_unsupported_layer_says_why(targets):
     model = WithNorm()
-    before = _requires_grad(model)
+    before = requires_grad_map(model)
     with pytest.raises(geopeft.TargetError) as info:
         geopeft.adapt(model, "lora", targets=targets, rank=2)
     msg = str(info.value)
     assert "'norm'" in msg and "cannot be adapted" in msg
     assert "LayerNorm is not a supported layer type" in msg
     assert "nn.Linear" in msg  # what is supported
-    assert geopeft.adapters(model) == [] and _requires_grad(model) == before
+    assert geopeft.adapters(model) == [] and requires_grad_map(model) == before
 
 
 def test_targeting_a_grouped_conv_says_why():
@@ -123,12 +113,12 @@ def test_rank_larger_than_the_layer_allows(tiny, target, rank, shape, max_rank):
 def test_rank_error_leaves_the_model_untouched(tiny):
     """`query` (16x16) accepts rank 4 but `classifier` (3x16) does not: the failed adapt
     must not leave `query` wrapped and the base frozen, so that a retry works."""
-    before_grad, before_types = _requires_grad(tiny), _module_types(tiny)
+    before_grad, before_types = requires_grad_map(tiny), module_types(tiny)
     with pytest.raises(geopeft.ConfigError, match="'classifier'"):
         geopeft.adapt(tiny, "lora", targets=["query", "classifier"], rank=4)
     assert geopeft.adapters(tiny) == []
-    assert _module_types(tiny) == before_types
-    assert _requires_grad(tiny) == before_grad
+    assert module_types(tiny) == before_types
+    assert requires_grad_map(tiny) == before_grad
     geopeft.adapt(tiny, "lora", targets=["query", "classifier"], rank=2)
     assert [n for n, _ in geopeft.adapters(tiny)] == ["query", "classifier"]
 
@@ -153,11 +143,11 @@ def test_adapting_twice_is_an_error(tiny):
 
 
 def test_trainable_matching_nothing_is_a_target_error(tiny):
-    before = _requires_grad(tiny)
+    before = requires_grad_map(tiny)
     with pytest.raises(geopeft.TargetError) as info:
         geopeft.adapt(tiny, "lora", targets=["query"], rank=2, trainable=["nope"])
     assert "trainable='nope' matches no module" in str(info.value)
-    assert geopeft.adapters(tiny) == [] and _requires_grad(tiny) == before
+    assert geopeft.adapters(tiny) == [] and requires_grad_map(tiny) == before
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -202,7 +192,7 @@ def _snapshot(model: nn.Module, opt) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
              for k, v in sd["state"].items()}
-    extra = {k: v for k, v in sd["geopeft"].items() if k != "skipped_steps"}
+    extra = {k: v for k, v in sd["geopeft"].items() if k not in ("skipped_steps", "consecutive_skips")}
     return params, {"state": state, "geopeft": extra}
 
 
@@ -286,269 +276,6 @@ def test_nonfinite_gradient_in_a_trainable_base_module_also_skips(tiny):
     assert opt.skipped_steps == 1
 
 
-# --------------------------------------------------------------------------- checkpoints
-def _adapted(model: nn.Module) -> nn.Module:
-    geopeft.adapt(model, "lora", targets=["query", "value"], rank=2, trainable=["classifier"])
-    with torch.no_grad():  # make the adapters matter for the output
-        for _, adapter in geopeft.adapters(model):
-            adapter.B.normal_()
-    return model
-
-
-@pytest.fixture
-def saved(tiny, tmp_path) -> tuple[Path, torch.Tensor]:
-    """A saved adapter directory and the adapted model's output on IDS."""
-    model = _adapted(tiny)
-    directory = tmp_path / "adapter"
-    geopeft.save(model, directory)
-    with torch.no_grad():
-        return directory, model(IDS)
-
-
-@pytest.fixture
-def fresh(tiny):
-    """Build a fresh base model like `tiny` (same class, same seed): fresh(**kwargs)."""
-    cls = type(tiny)
-
-    def make(**kwargs) -> nn.Module:
-        torch.manual_seed(0)
-        return cls(**kwargs)
-
-    return make
-
-
-def _rewrite_config(directory: Path, **changes) -> None:
-    cfg = json.loads((directory / "geopeft.json").read_text())
-    cfg.update(changes)
-    (directory / "geopeft.json").write_text(json.dumps(cfg))
-
-
-def test_save_load_round_trip_is_exact(saved, fresh):
-    directory, expected = saved
-    model = geopeft.load(fresh(), directory)
-    assert [n for n, _ in geopeft.adapters(model)] == ["query", "value"]
-    with torch.no_grad():
-        assert torch.equal(model(IDS), expected)
-
-
-def test_load_never_unpickles(saved, monkeypatch, fresh):
-    directory, expected = saved
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("geopeft.load unpickled something")
-
-    class RefusingUnpickler:
-        def __init__(self, *args, **kwargs):
-            refuse()
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", RefusingUnpickler)
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(torch.serialization, "load", refuse)
-    model = geopeft.load(fresh(), directory)
-    with torch.no_grad():
-        assert torch.equal(model(IDS), expected)
-
-
-def test_load_from_a_missing_directory(tmp_path, fresh):
-    with pytest.raises(geopeft.CheckpointError, match="is not a directory"):
-        geopeft.load(fresh(), tmp_path / "does-not-exist")
-
-
-def test_load_from_a_directory_without_geopeft_json(tmp_path, fresh):
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), tmp_path)
-    assert "not a geopeft adapter directory" in str(info.value)
-    assert "geopeft.json" in str(info.value)
-
-
-def test_load_from_a_peft_directory(tmp_path, fresh):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), tmp_path)
-    msg = str(info.value)
-    assert "PEFT adapter directory" in msg and "PeftModel.from_pretrained" in msg
-
-
-def test_truncated_safetensors(saved, fresh):
-    directory, _ = saved
-    weights = directory / "adapter.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    model = fresh()
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(model, directory)
-    assert "truncated or not a safetensors file" in str(info.value)
-    assert "adapter.safetensors" in str(info.value)
-    assert geopeft.adapters(model) == []
-
-
-def test_missing_safetensors(saved, fresh):
-    directory, _ = saved
-    (directory / "adapter.safetensors").unlink()
-    with pytest.raises(geopeft.CheckpointError, match="adapter.safetensors is missing"):
-        geopeft.load(fresh(), directory)
-
-
-def test_foreign_format(saved, fresh):
-    directory, _ = saved
-    _rewrite_config(directory, format="something-else")
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), directory)
-    msg = str(info.value)
-    assert "not a geopeft adapter config" in msg and "'something-else'" in msg
-    assert "'geopeft-adapter'" in msg
-
-
-def test_newer_format_version(saved, fresh):
-    directory, _ = saved
-    _rewrite_config(directory, format_version=99)
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), directory)
-    assert "format version 99" in str(info.value) and "upgrade geopeft" in str(info.value)
-
-
-@pytest.mark.parametrize("text", ['{"format": "geopeft-adapter", ', "\xff\xfe not json", ""])
-def test_invalid_json(saved, text, fresh):
-    directory, _ = saved
-    (directory / "geopeft.json").write_text(text, encoding="latin-1")
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), directory)
-    assert "is not valid JSON" in str(info.value)
-
-
-def test_json_that_is_not_an_object(saved, fresh):
-    directory, _ = saved
-    (directory / "geopeft.json").write_text("[1, 2, 3]")
-    with pytest.raises(geopeft.CheckpointError, match="not a geopeft adapter config"):
-        geopeft.load(fresh(), directory)
-
-
-@pytest.mark.parametrize("key", ["recipe", "layers", "rank"])
-def test_config_lacking_an_entry(saved, key, fresh):
-    directory, _ = saved
-    cfg = json.loads((directory / "geopeft.json").read_text())
-    del cfg[key]
-    (directory / "geopeft.json").write_text(json.dumps(cfg))
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), directory)
-    assert f"lacks the {key!r} entry" in str(info.value)
-
-
-def _resave_weights(directory: Path, change) -> None:
-    path = directory / "adapter.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path), metadata={"format": "geopeft-adapter"})
-
-
-@pytest.mark.parametrize("edit_weights, fragments", [
-    (lambda t: t.pop("adapters.value.B"), ["lacks 1 tensor(s)", "adapters.value.B"]),
-    (lambda t: t.__setitem__("adapters.ffn.0.A", torch.zeros(2, 16)),
-     ["does not describe", "adapters.ffn.0.A"]),
-    (lambda t: t.__setitem__("adapters.query.A", torch.zeros(3, 16)),
-     ["'adapters.query.A'", "(3, 16)", "(2, 16)"]),
-], ids=["missing-tensor", "extra-tensor", "wrong-shape"])
-def test_safetensors_that_do_not_match_the_config(saved, fresh, edit_weights, fragments):
-    directory, _ = saved
-    _resave_weights(directory, edit_weights)
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh(), directory)
-    for fragment in fragments:
-        assert fragment in str(info.value)
-
-
-def test_failed_load_leaves_the_model_untouched(saved, fresh):
-    """A checkpoint error found after the adapters were built (here: a missing tensor)
-    must not leave a half-adapted model behind: a retry with a good directory must work."""
-    directory, expected = saved
-    broken = directory.parent / "broken"
-    broken.mkdir()
-    for name in ("geopeft.json", "adapter.safetensors"):
-        (broken / name).write_bytes((directory / name).read_bytes())
-    _resave_weights(broken, lambda t: t.pop("adapters.value.B"))
-
-    model = fresh()
-    before_grad, before_types = _requires_grad(model), _module_types(model)
-    with pytest.raises(geopeft.CheckpointError, match="lacks"):
-        geopeft.load(model, broken)
-    assert geopeft.adapters(model) == []
-    assert _module_types(model) == before_types
-    assert _requires_grad(model) == before_grad
-    geopeft.load(model, directory)
-    with torch.no_grad():
-        assert torch.equal(model(IDS), expected)
-
-
-def test_load_onto_a_model_lacking_a_saved_layer(saved):
-    directory, _ = saved
-    other = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16))
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(other, directory)
-    msg = str(info.value)
-    assert "layer 'query'" in msg and "not in this model" in msg
-    assert geopeft.adapters(other) == []
-
-
-def test_load_onto_a_model_with_a_different_shape(saved, fresh):
-    directory, _ = saved
-    other = fresh(dim=8)
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(other, directory)
-    msg = str(info.value)
-    assert "layer 'query'" in msg and "linear 16x16" in msg and "linear 8x8" in msg
-    assert geopeft.adapters(other) == []
-
-
-def test_load_onto_a_model_with_a_different_layer_kind(saved, fresh):
-    directory, _ = saved
-    model = fresh()
-    model.value = nn.Embedding(16, 16)  # same 16x16 matrix view, different kind
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(model, directory)
-    msg = str(info.value)
-    assert "layer 'value'" in msg and "saved as linear" in msg and "embedding" in msg
-
-
-def test_load_onto_an_unsupported_layer(saved, fresh):
-    directory, _ = saved
-    model = fresh()
-    model.query = nn.LayerNorm(16)
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(model, directory)
-    assert "layer 'query'" in str(info.value) and "LayerNorm" in str(info.value)
-
-
-def test_load_into_an_adapted_model(saved, fresh):
-    directory, _ = saved
-    model = geopeft.adapt(fresh(), "lora", targets=["query"], rank=2)
-    with pytest.raises(geopeft.GeopeftError) as info:
-        geopeft.load(model, directory)
-    assert "already has geopeft adapters" in str(info.value)
-    assert [n for n, _ in geopeft.adapters(model)] == ["query"]
-
-
-def test_load_needing_an_unavailable_component(saved, fresh):
-    directory, _ = saved
-    cfg = json.loads((directory / "geopeft.json").read_text())
-    cfg["recipe"]["manifolds"]["A"]["name"] = "stiefell"
-    (directory / "geopeft.json").write_text(json.dumps(cfg))
-    with pytest.raises(geopeft.UnknownComponentError, match="unknown manifold 'stiefell'"):
-        geopeft.load(fresh(), directory)
-
-
-def test_save_and_merge_need_adapters(tiny, tmp_path):
-    with pytest.raises(geopeft.GeopeftError, match="nothing to save"):
-        geopeft.save(tiny, tmp_path / "out")
-    assert not (tmp_path / "out" / "geopeft.json").exists()
-    with pytest.raises(geopeft.GeopeftError, match="geopeft.adapt"):
-        geopeft.merge(tiny)
-    with pytest.raises(geopeft.GeopeftError, match="geopeft.adapt"):
-        geopeft.unmerge(tiny)
-
-
 def test_nan_check_handles_mixed_gradient_dtypes(tiny):
     tiny.query.to(torch.bfloat16)
 
@@ -561,7 +288,8 @@ def test_nan_check_handles_mixed_gradient_dtypes(tiny):
             return self.net.classifier(self.net.query(x.bfloat16()).float())
 
     model = Mixed(tiny)
-    geopeft.adapt(model, "lora", targets=["query"], rank=2, trainable=["classifier"])
+    geopeft.adapt(model, "lora", targets=["query"], rank=2, trainable=["classifier"],
+                  dtype=torch.bfloat16)
     opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1)
     assert {p.dtype for g in opt.param_groups for p in g["params"]} == {torch.bfloat16, torch.float32}
     model(torch.randn(4, 16)).sum().backward()
@@ -578,7 +306,7 @@ def test_nan_check_handles_mixed_gradient_dtypes(tiny):
 
 def test_large_finite_fp16_gradients_are_not_skipped():
     model = nn.Sequential(nn.Linear(64, 64).half())
-    geopeft.adapt(model, "lora", targets=["0"], rank=2)
+    geopeft.adapt(model, "lora", targets=["0"], rank=2, dtype=torch.float16)
     opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.0)
     a = model[0].adapter
     a.A.grad = torch.full_like(a.A, 20000.0)  # finite, but its L2 norm overflows fp16
@@ -609,3 +337,114 @@ def test_data_initializer_without_batches_is_refused_before_any_change(tiny, plu
                                                    "data: pass init_batches="):
         geopeft.adapt(tiny, "lora", targets=["query"], rank=2, initializer="from_data")
     assert not geopeft.adapters(tiny)
+
+
+# --------------------------------------------------------------------------- strict inputs
+@pytest.mark.parametrize("alpha", [0, -2.0, float("nan"), float("inf"), True, "16"])
+def test_alpha_must_be_positive_and_finite(tiny, alpha):
+    before = module_types(tiny)
+    with pytest.raises(geopeft.ConfigError, match="alpha must be a positive finite number"):
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=2, alpha=alpha)
+    assert module_types(tiny) == before
+
+
+@pytest.mark.parametrize("method", ["lora", "stella"])
+def test_alpha_as_a_recipe_option_is_checked_by_the_adapter(tiny, method):
+    with pytest.raises(geopeft.ConfigError, match="alpha must be a positive finite number"):
+        geopeft.adapt(tiny, method, targets=["query"], rank=2, **{"alpha": float("nan")})
+
+
+@pytest.mark.parametrize("rank", [True, 2.0, "8", None])
+def test_non_int_ranks_are_refused_with_a_message(tiny, rank):
+    with pytest.raises(geopeft.ConfigError, match="rank must be a positive int"):
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=rank)
+    with pytest.raises(geopeft.ConfigError, match="rank of layer 'query' must be a positive int"):
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=2, ranks={"query": rank})
+    assert geopeft.adapters(tiny) == []
+
+
+@pytest.mark.parametrize("field", ["targets", "exclude"])
+def test_an_invalid_regex_is_a_config_error_naming_the_pattern(tiny, field):
+    kw = {"targets": "query|value"} | {field: "ffn.(0"}
+    with pytest.raises(geopeft.ConfigError) as info:
+        geopeft.adapt(tiny, "lora", rank=2, **kw)
+    assert f"{field}='ffn.(0' is not a valid regular expression" in str(info.value)
+
+
+@pytest.mark.parametrize("method, manifold, key, shape, need", [
+    ("lora", {"A": "stiefel"}, "A", "2x16", "stiefel needs at least as many rows as columns"),
+    (geopeft.Recipe("usv-balanced", adapter="usv", initializer="orthonormal"), {"U,V": "balanced"},
+     "U,V", "16x2 and 16x2", "balanced pairs a B (m, r) with an A (r, n)"),
+])
+def test_a_manifold_that_does_not_fit_the_factor_is_refused_at_adapt(tiny, method, manifold, key, shape,
+                                                                     need):
+    before = module_types(tiny)
+    with pytest.raises(geopeft.ConfigError) as info:
+        geopeft.adapt(tiny, method, targets=["query"], rank=2, manifold=manifold)
+    msg = str(info.value)
+    assert f"does not fit factor {key!r} of the adapter on 'query'" in msg
+    assert f"the factor is {shape}" in msg and need in msg
+    assert module_types(tiny) == before
+
+
+class _WrongShape(geopeft.Manifold):
+    """Unit-norm columns whose `project` or `retract` returns a broadcastable wrong shape."""
+
+    name = "wrong_shape"
+
+    def __init__(self, broken: str = "project"):
+        self.broken = broken
+
+    def _unit(self, x):
+        return x / x.norm(dim=-2, keepdim=True)
+
+    def project_tangent(self, x, u):
+        return u - x * (x * u).sum(-2, keepdim=True)
+
+    def egrad_to_rgrad(self, x, g):
+        g = self.project_tangent(x, g)
+        return g[..., :1, :] if self.broken == "egrad_to_rgrad" else g
+
+    def transport(self, x, y, v):
+        v = self.project_tangent(y, v)
+        return v.sum(0) if self.broken == "transport" else v
+
+    def retract(self, x, u):
+        y = self._unit(x + u)
+        return y[:1] if self.broken == "retract" else y  # (1, n, p): would broadcast over G
+
+    def project(self, x):
+        return self._unit(x)[..., :1] if self.broken == "project" else self._unit(x)
+
+    def violation(self, x):
+        return (x.norm(dim=-2) - 1).abs().amax(-1)
+
+    def random_point(self, shape, generator=None, dtype=torch.float32):
+        return self._unit(torch.randn(*shape, generator=generator, dtype=dtype))
+
+    def options(self):
+        return {"broken": self.broken}
+
+
+def test_a_manifold_returning_a_wrong_shape_is_a_shape_error(tiny):
+    with pytest.raises(geopeft.ShapeError, match=r"project returned \[\(2, 2, 1\)\] .* \[\(2, 2, 16\)\]"):
+        geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=2, manifold={"A": _WrongShape()})
+    assert geopeft.adapters(tiny) == []
+    torch.manual_seed(0)
+    model = geopeft.adapt(type(tiny)(), "lora", targets=["query", "value"], rank=2,
+                          manifold={"A": _WrongShape("retract")})
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1)
+    model(IDS).sum().backward()
+    with pytest.raises(geopeft.ShapeError, match=r"retract_step returned \[\(1, 2, 16\)\]"):
+        opt.step()
+    for broken, got in [("egrad_to_rgrad", r"\(2, 1, 16\)"), ("transport", r"\(2, 16\)")]:
+        torch.manual_seed(0)
+        model = geopeft.adapt(type(tiny)(), "lora", targets=["query", "value"], rank=2,
+                              manifold={"A": _WrongShape(broken)}, moments="transport")
+        opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+        before = [a.A.detach().clone() for _, a in geopeft.adapters(model)]
+        model(IDS).sum().backward()
+        with pytest.raises(geopeft.ShapeError, match=rf"{broken} returned \[{got}\]"):
+            opt.step()
+        # nothing of the step's geometry was written: the factors are where they were
+        assert all(torch.equal(b, a.A) for b, (_, a) in zip(before, geopeft.adapters(model)))

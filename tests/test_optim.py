@@ -1,4 +1,4 @@
-"""The six-stage step: behaves as a torch optimizer; geometry stages keep factors on
+"""The staged step: behaves as a torch optimizer; geometry stages keep factors on
 their manifolds (tested with the external plugin's `oblique` manifold)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 import geopeft
 from geopeft.geometry import max_violation
 
-from helpers import TinyNet
+from helpers import TinyNet, mse, tiny_batch, train
 
 OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),
@@ -25,16 +25,8 @@ OPTIMIZERS = {
 }
 
 
-def _batch(seed: int, n: int = 8) -> torch.Tensor:
-    return torch.randint(0, 50, (n, 6), generator=torch.Generator().manual_seed(seed))
-
-
 def _train(model, opt, steps: int, start: int = 0) -> None:
-    for i in range(start, start + steps):
-        loss = model(_batch(i)).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, opt, lambda m, i: m(tiny_batch(i)).pow(2).mean(), steps, start)
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -52,13 +44,7 @@ def test_low_rank_regression_loss_drops_tenfold():
     opt = geopeft.optimizer(model, torch.optim.AdamW, lr=2e-2, weight_decay=0.0)
     x = torch.randn(256, 32)
     y = target(x).detach()
-    losses = []
-    for _ in range(300):
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, opt, mse(x, y), 300)
     assert losses[-1] <= losses[0] / 10, (losses[0], losses[-1])
 
 
@@ -91,7 +77,7 @@ def test_is_a_torch_optimizer_with_schedulers_and_grad_scaler(tiny):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu")
     for i in range(4):
-        loss = tiny(_batch(i)).pow(2).mean()
+        loss = tiny(tiny_batch(i)).pow(2).mean()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -140,7 +126,7 @@ def test_one_step_equals_hand_written_riemannian_sgd(tiny):
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=lr)
     x_old = tiny.query.adapter.A.detach().clone()
     b_old = tiny.query.adapter.B.detach().clone()
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     g = tiny.query.adapter.A.grad.clone()
     gb = tiny.query.adapter.B.grad.clone()
     opt.step()
@@ -160,7 +146,7 @@ def test_riemannian_grad_can_be_turned_off(tiny):
     geopeft.adapt(tiny, "lora", targets=["query"], rank=4, manifold={"A": "oblique"},
                   riemannian_grad=False)
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.1)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     g = tiny.query.adapter.A.grad.clone()
     opt.step()
     assert torch.equal(tiny.query.adapter.A.grad, g)
@@ -180,7 +166,7 @@ def test_first_moments_transported_to_new_tangent_space(tiny):
 def test_moments_kept_by_default(tiny):
     geopeft.adapt(tiny, "lora", targets=["query"], rank=4, manifold={"A": "oblique"})
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.1, momentum=0.9)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     opt.step()
     a = tiny.query.adapter.A
     # momentum after one step is the (tangent-at-old-point) gradient, not re-projected
@@ -194,7 +180,7 @@ def test_external_transform_rewrites_gradients(tiny):
         for _, a in geopeft.adapters(tiny):
             a.B.normal_()
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.0)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     raw = {n: (a.A.grad.clone(), a.B.grad.clone()) for n, a in geopeft.adapters(tiny)}
     opt.step()
     for n, a in geopeft.adapters(tiny):
@@ -311,7 +297,7 @@ def test_step_hooks_and_closure(tiny):
 
     def closure():
         opt.zero_grad()
-        loss = tiny(_batch(0)).pow(2).mean()
+        loss = tiny(tiny_batch(0)).pow(2).mean()
         loss.backward()
         return loss
 
@@ -332,10 +318,39 @@ def test_resize_checks_keep_and_ranks_must_name_targets(tiny):
     assert tiny.query.adapter.A.shape == (6, 16) and torch.count_nonzero(tiny.query.adapter.A[2:]) == 0
 
 
+def test_resize_by_a_change_of_basis_maps_factors_and_moments(tiny):
+    """B ← B·R, A ← Rᵀ·A for a (4, 3) R with orthonormal columns: first moments map as
+    their factors, second moments by R∘R; resize_many moves both layers at once."""
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4)
+    with torch.no_grad():
+        for _, a in geopeft.adapters(tiny):
+            a.B.normal_()
+    opt = geopeft.optimizer(tiny, torch.optim.AdamW, lr=1e-2)
+    _train(tiny, opt, 2)
+    rot = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0))).Q[:, :3]
+    before = {n: (a.B.detach().clone(), a.A.detach().clone(), opt.state[a.B]["exp_avg"].clone(),
+                  opt.state[a.B]["exp_avg_sq"].clone(), opt.state[a.A]["exp_avg"].clone())
+              for n, a in geopeft.adapters(tiny)}
+    opt.resize_many([geopeft.RankChange(n, 3, basis={"A": (rot,), "B": (rot,)}) for n in before])
+    for n, a in geopeft.adapters(tiny):
+        b, aa, mb, vb, ma = before[n]
+        assert torch.allclose(a.B, b @ rot, atol=1e-6) and torch.allclose(a.A, rot.T @ aa, atol=1e-6)
+        assert torch.allclose(opt.state[a.B]["exp_avg"], mb @ rot, atol=1e-7)
+        assert torch.allclose(opt.state[a.B]["exp_avg_sq"], vb @ (rot * rot), atol=1e-9)
+        assert torch.allclose(opt.state[a.A]["exp_avg"], rot.T @ ma, atol=1e-7)
+        assert bool((opt.state[a.A]["exp_avg_sq"] >= 0).all())
+    _train(tiny, opt, 1, start=2)  # the new parameters are the optimizer's
+    with pytest.raises(geopeft.ShapeError, match=r"basis for factor 'A' must be 1 matri\(ces\) of shape \(3, 2\)"):
+        opt.resize("query", 2, basis={"A": (rot,), "B": (rot,)})
+    values = {"A": torch.ones(5, 16), "B": torch.zeros(16, 5)}
+    opt.resize("query", 5, values=values)
+    assert torch.equal(tiny.query.adapter.A, values["A"]) and opt.ranks() == {"query": 5, "value": 3}
+
+
 def test_factor_without_gradient_stays_put_while_its_group_steps(tiny):
     geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4, manifold={"A": "oblique"})
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.3)
-    tiny(_batch(0)).pow(2).mean().backward()
+    tiny(tiny_batch(0)).pow(2).mean().backward()
     query, value = tiny.query.adapter, tiny.value.adapter
     value.A.grad = None  # same shape and manifold as query.A: one group, one member idle
     q_old, v_old = query.A.detach().clone(), value.A.detach().clone()
@@ -345,3 +360,62 @@ def test_factor_without_gradient_stays_put_while_its_group_steps(tiny):
     rgrad = g - q_old * (q_old * g).sum(-1, keepdim=True)
     moved = q_old - 0.3 * rgrad
     assert torch.allclose(query.A, moved / moved.norm(dim=-1, keepdim=True), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- a coupled manifold that retracts
+class JointSphere(geopeft.Manifold):
+    """Pairs (B, A) with ‖B‖²_F + ‖A‖²_F = 1: a coupled manifold with the default
+    post_step = "retract". Points and vectors are tuples (B (G, m, r), A (G, r, n))."""
+
+    coupled = True
+
+    @staticmethod
+    def _inner(x, u):
+        return sum((a * b).sum((-2, -1)) for a, b in zip(x, u))[..., None, None]
+
+    def project_tangent(self, x, u):
+        c = self._inner(x, u)
+        return tuple(ui - c * xi for xi, ui in zip(x, u))
+
+    def retract(self, x, u):
+        return self.project(tuple(xi + ui for xi, ui in zip(x, u)))
+
+    def project(self, x):
+        norm = self._inner(x, x).sqrt()
+        return tuple(xi / norm for xi in x)
+
+    def violation(self, x):
+        return (self._inner(x, x)[..., 0, 0] - 1).abs()
+
+    def random_point(self, shape, generator=None, dtype=torch.float32):
+        raise NotImplementedError
+
+
+def test_coupled_manifold_with_retract_step_keeps_pairs_on_it_and_moments_tangent(tiny):
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=3, manifold={"B,A": JointSphere()},
+                  moments="transport")
+    opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.2, momentum=0.9)
+    before = {n: (a.B.detach().clone(), a.A.detach().clone()) for n, a in geopeft.adapters(tiny)}
+    tiny(tiny_batch(0)).pow(2).mean().backward()
+    olds = [(a.B.detach().clone(), a.A.detach().clone()) for _, a in geopeft.adapters(tiny)]
+    opt.step()
+    # stage 2 made the pair's gradient tangent at the old point: <x, g> over both factors is 0
+    for (b, a_), (_, a) in zip(olds, geopeft.adapters(tiny)):
+        assert abs(float((b * a.B.grad).sum() + (a_ * a.A.grad).sum())) <= 1e-6
+    opt.zero_grad()
+    _train(tiny, opt, 3, start=1)
+    for name, a in geopeft.adapters(tiny):
+        b, a_ = a.B.detach(), a.A.detach()
+        assert abs(float(b.pow(2).sum() + a_.pow(2).sum()) - 1) <= 1e-5, name
+        assert not torch.equal(b, before[name][0])
+        mb, ma = opt.state[a.B]["momentum_buffer"], opt.state[a.A]["momentum_buffer"]
+        assert abs(float((b * mb).sum() + (a_ * ma).sum())) <= 1e-5, name  # transported
+
+
+def test_manifold_with_an_unknown_post_step_is_refused_at_adapt(tiny):
+    class Odd(JointSphere):
+        post_step = "sometimes"
+
+    with pytest.raises(geopeft.IncompatibleComponentsError, match="post_step='sometimes'"):
+        geopeft.adapt(tiny, "lora", targets=["query"], manifold={"B,A": Odd()})
+    assert geopeft.adapters(tiny) == []

@@ -1,5 +1,6 @@
 """The registry: entry-point discovery, hand registration, broken plugins, and the
-messages a user gets for unknown, invalid or incompatible components (DESIGN §3)."""
+messages a user gets for unknown, invalid or incompatible components (docs/architecture.md,
+"Components and plugins")."""
 
 from __future__ import annotations
 
@@ -14,24 +15,26 @@ from torch import nn
 
 import geopeft
 from geopeft import cli
+from geopeft.kinds import KINDS
 from geopeft.registry import get_registry
 
-KIND_BASES = {
-    "adapter": "geopeft.Adapter",
-    "manifold": "geopeft.Manifold",
-    "gradient_transform": "geopeft.GradientTransform",
-    "rank_controller": "geopeft.RankController",
-    "initializer": "geopeft.Initializer",
-    "method": "geopeft.Recipe",
-}
-HOOKS = {
-    "adapter": "register_adapters",
-    "manifold": "register_manifolds",
-    "gradient_transform": "register_gradient_transforms",
-    "rank_controller": "register_rank_controllers",
-    "initializer": "register_initializers",
-    "method": "register_methods",
-}
+KIND_BASES = {kind: f"geopeft.{k.base.__name__}" for kind, k in KINDS.items()}
+HOOKS = {kind: k.hook for kind, k in KINDS.items()}
+
+
+def test_kinds_table_is_the_seven_kinds_and_their_hooks():
+    assert HOOKS == {
+        "adapter": "register_adapters", "manifold": "register_manifolds",
+        "gradient_transform": "register_gradient_transforms",
+        "rank_controller": "register_rank_controllers",
+        "initializer": "register_initializers", "method": "register_methods",
+        "target_preset": "register_target_presets"}
+    assert KIND_BASES["method"] == "geopeft.Recipe" and KINDS["method"].instance
+    # the hookspecs are generated from the table: one per kind, nothing else
+    from geopeft import hookspecs
+
+    specs = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "geopeft_spec")}
+    assert specs == set(HOOKS.values())
 
 
 def _namespace(**hooks) -> types.SimpleNamespace:
@@ -120,7 +123,7 @@ def test_builtin_lora_plugin_comes_from_its_entry_point():
     assert reg.pm.get_plugin("lora") is __import__("geopeft.plugins.lora", fromlist=["_"])
 
 
-def test_components_lists_all_six_kinds_with_the_lora_parts():
+def test_components_lists_every_kind_with_the_lora_parts():
     comps = geopeft.components()
     assert set(comps) == set(KIND_BASES)
     assert "lora" in comps["adapter"]
@@ -133,9 +136,11 @@ def test_components_lists_all_six_kinds_with_the_lora_parts():
     reg = get_registry()
     assert reg.plugin_of("adapter", "lora") == "lora"
     assert reg.plugin_of("method", "rslora") == "lora"
-    assert reg.plugins["lora"].components == {
-        "adapter": ["lora"], "manifold": ["euclidean"], "rank_controller": ["fixed"],
-        "initializer": ["lora"], "method": ["lora", "rslora"]}
+    assert reg.plugins["lora"].components == {"adapter": ["lora"], "method": ["lora", "rslora"]}
+    # the recipe's other default parts are core's own
+    assert reg.plugins["core"].components == {
+        "manifold": ["euclidean"], "rank_controller": ["fixed"], "initializer": ["lora"]}
+    assert reg.plugins["core"].distribution == "geopeft"
 
 
 def test_external_plugin_is_discovered_from_its_entry_point():
@@ -292,10 +297,10 @@ def test_duplicate_name_keeps_the_first_and_records_an_error(plugin, tiny):
         comps = geopeft.components()
     assert comps["manifold"].count("euclidean") == 1
     assert reg.get("manifold", "euclidean") is original
-    assert reg.plugin_of("manifold", "euclidean") == "lora"
+    assert reg.plugin_of("manifold", "euclidean") == "core"
     error = reg.plugins["dup"].error
     assert "'euclidean'" in error
-    assert "already registered by plugin 'lora'" in error
+    assert "already registered by plugin 'core'" in error
     assert "keeping that one" in error
     assert reg.plugins["lora"].error is None
     assert "manifold" not in reg.plugins["dup"].components
@@ -371,7 +376,7 @@ def test_unknown_hook_error_names_the_plugin_by_its_registered_name():
 def test_allow_list_loads_only_the_named_plugins(fresh_registry, monkeypatch, tiny):
     monkeypatch.setenv("GEOPEFT_PLUGINS", "lora")
     reg = get_registry()
-    assert set(reg.plugins) == {"lora"}
+    assert set(reg.plugins) == {"core", "lora"}
     comps = geopeft.components()
     assert "oblique" not in comps["manifold"]
     assert "scaled_gd" not in comps["gradient_transform"]
@@ -384,7 +389,7 @@ def test_allow_list_loads_only_the_named_plugins(fresh_registry, monkeypatch, ti
 
 def test_allow_list_tolerates_spaces_and_empty_items(fresh_registry, monkeypatch):
     monkeypatch.setenv("GEOPEFT_PLUGINS", " example , ,lora ")
-    assert set(get_registry().plugins) == {"lora", "example"}
+    assert set(get_registry().plugins) == {"core", "lora", "example"}
 
 
 def _with_extra_entry_points(monkeypatch, *extra: md.EntryPoint) -> None:
@@ -440,7 +445,7 @@ def test_allow_list_skips_a_broken_entry_point_without_warning(fresh_registry, m
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         reg = get_registry()
-    assert set(reg.plugins) == {"lora", "example"}
+    assert set(reg.plugins) == {"core", "lora", "example"}
 
 
 def test_entry_point_with_a_hook_matching_no_spec_fails_fast(fresh_registry, monkeypatch, tmp_path):
@@ -459,7 +464,7 @@ def test_entry_point_with_a_hook_matching_no_spec_fails_fast(fresh_registry, mon
     assert "register_manifolds" in msg and "GEOPEFT_PLUGINS" in msg
     # the way out the message names works
     monkeypatch.setenv("GEOPEFT_PLUGINS", "lora,example")
-    assert set(get_registry().plugins) == {"lora", "example"}
+    assert set(get_registry().plugins) == {"core", "lora", "example"}
 
 
 # --------------------------------------------------------------------------- incompatible combinations
@@ -558,3 +563,59 @@ def test_bad_recipe_overrides_are_config_errors(tiny, override, fragment):
     with pytest.raises(geopeft.ConfigError) as info:
         geopeft.adapt(tiny, "lora", targets=["query"], **override)
     assert fragment in str(info.value)
+
+
+# --------------------------------------------------------------------------- geopeft.register (user code)
+def test_register_from_user_code_has_the_plugin_checks(tiny):
+    reg = get_registry()
+    cls = _make_manifold("unit_mine")
+    try:
+        assert geopeft.register("manifold", "unit_mine", cls) is cls
+        assert reg.plugin_of("manifold", "unit_mine") == "user"
+        assert reg.plugins["user"].components == {"manifold": ["unit_mine"]}
+        geopeft.register("manifold", "unit_mine", cls)  # the same object again: a no-op
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=2, manifold={"A": "unit_mine"})
+        assert isinstance(tiny.query.adapter.factor_manifolds()["A"], cls)
+        other = _make_manifold("unit_mine")
+        with pytest.raises(geopeft.PluginError, match="replace=True"):
+            geopeft.register("manifold", "unit_mine", other)
+        geopeft.register("manifold", "unit_mine", other, replace=True)
+        assert reg.get("manifold", "unit_mine") is other
+    finally:
+        geopeft.unregister("manifold", "unit_mine")
+    assert "unit_mine" not in geopeft.components()["manifold"]
+    # the checks of plugin registration: the interface, a free name, a known kind
+    with pytest.raises(geopeft.PluginError, match="must be a subclass of geopeft.Manifold"):
+        geopeft.register("manifold", "inst", cls())
+    with pytest.raises(geopeft.PluginError, match="already registered by plugin 'core'; pick another"):
+        geopeft.register("manifold", "euclidean", cls)
+    with pytest.raises(geopeft.PluginError, match="must be an instance of geopeft.Recipe"):
+        geopeft.register("method", "m", cls)
+    with pytest.raises(ValueError, match="did you mean 'manifold'"):
+        geopeft.register("manifolds", "x", cls)
+    with pytest.raises(geopeft.PluginError, match="only those can be unregistered"):
+        geopeft.unregister("manifold", "euclidean")
+
+
+def test_registered_recipe_survives_a_registry_reload(fresh_registry, tiny):
+    from geopeft.registry import reset_registry
+
+    recipe = geopeft.Recipe(name="lora_obl", manifolds={"A": "oblique"})
+    geopeft.register("method", "lora_obl", recipe)
+    try:
+        reset_registry()  # e.g. after GEOPEFT_PLUGINS changed: user registrations are kept
+        geopeft.adapt(tiny, "lora_obl", targets=["query"], rank=2)
+        assert type(tiny.query.adapter.factor_manifolds()["A"]).__name__ == "ObliqueManifold"
+    finally:
+        geopeft.unregister("method", "lora_obl")
+
+
+def test_core_components_need_no_plugin_but_the_method_s(fresh_registry, monkeypatch, tiny):
+    monkeypatch.setenv("GEOPEFT_PLUGINS", "stella")  # no `lora` plugin: euclidean, fixed are core's
+    assert set(get_registry().plugins) == {"core", "stella"}
+    geopeft.adapt(tiny, "stella", targets=["query"], rank=2)
+    opt = geopeft.optimizer(tiny, torch.optim.AdamW, lr=1e-2)
+    tiny(torch.randint(0, 50, (4, 5))).pow(2).mean().backward()
+    opt.step()
+    u = tiny.query.adapter.U.detach()
+    assert torch.allclose(u.T @ u, torch.eye(2), atol=1e-5)

@@ -51,6 +51,12 @@ class BalancedManifold(Manifold):
                              f"got {rank_rtol!r}")
         self.rank_rtol = None if rank_rtol is None else float(rank_rtol)
 
+    def shape_problem(self, shape):
+        if len(shape) != 2 or len(shape[0]) != 2 or len(shape[1]) != 2 or shape[0][1] != shape[1][0]:
+            return ("balanced pairs a B (m, r) with an A (r, n) — two factors, the columns of the "
+                    "first matching the rows of the second")
+        return None
+
     def project(self, x: Pair) -> Pair:
         b, a = x
         out = balance(b, a, self.rank_rtol)

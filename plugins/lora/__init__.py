@@ -1,34 +1,19 @@
 """Plain LoRA (Hu et al., 2021, arXiv 2106.09685): the baseline every method is measured against.
 
-Registers adapter `lora`, manifold `euclidean`, rank controller `fixed`,
-initializer `lora` and the recipes `lora` and `rslora` (α/√r scaling,
-Kalajdzievski 2023, arXiv 2312.03732).
+Registers adapter `lora` and the recipes `lora` and `rslora` (α/√r scaling,
+Kalajdzievski 2023, arXiv 2312.03732). The recipes' other parts — manifold
+`euclidean`, rank controller `fixed`, initializer `lora` — are core's own
+(`geopeft.builtins`).
 """
 
 from geopeft import Recipe, hookimpl
 
 from .adapter import LoRAAdapter
-from .components import EuclideanManifold, FixedRank, LoRAInit
 
 
 @hookimpl
 def register_adapters(register):
     register("lora", LoRAAdapter)
-
-
-@hookimpl
-def register_manifolds(register):
-    register("euclidean", EuclideanManifold)
-
-
-@hookimpl
-def register_rank_controllers(register):
-    register("fixed", FixedRank)
-
-
-@hookimpl
-def register_initializers(register):
-    register("lora", LoRAInit)
 
 
 @hookimpl

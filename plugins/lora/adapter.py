@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from geopeft import Adapter
+from geopeft.builtins import lora_init_
 from geopeft.kernels import lora_linear
 
 
-def lora_init_(adapter: Adapter) -> None:
-    """PEFT's init: A Kaiming-uniform (a=√5), B zero; for embeddings A zero, B normal."""
-    with torch.no_grad():
-        if adapter.ops.kind == "embedding":
-            nn.init.zeros_(adapter.A)
-            nn.init.normal_(adapter.B)
-        else:
-            nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
-            nn.init.zeros_(adapter.B)
+def fused_linear(adapter: Adapter, x: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
+    """`geopeft.kernels.lora_linear` of adapter's base layer with factors (B = b, A = a),
+    cast to x's dtype, when the fused path applies (see `LoRAAdapter.fused_forward`),
+    else None."""
+    base = adapter.base_layer
+    if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
+            or (adapter.training and getattr(adapter, "dropout_p", 0.0) > 0)
+            or not x.is_floating_point() or x.dtype != base.weight.dtype
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    a, b = adapter.in_input_dtype(x, a, b)
+    return lora_linear(x, base.weight, base.bias, a, b, adapter.scaling)
 
 
 def fused_linear(adapter: Adapter, x: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
@@ -38,7 +40,8 @@ class LoRAAdapter(Adapter):
     """ΔW = scaling·B·A with scaling = α/r (α/√r with `rslora`).
 
     Forward: base_out + scaling·lower(lift(dropout(x), A), B), never forming ΔW.
-    Factors are created in the base weight's dtype unless `dtype` is given.
+    Factors are float32 on a float16/bfloat16 base, else in the base weight's dtype,
+    unless `dtype` is given; the forward computes in the input's dtype.
     """
 
     factor_names = ("A", "B")
@@ -59,11 +62,9 @@ class LoRAAdapter(Adapter):
         lora_init_(self)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        a = self.A
-        if x.is_floating_point() and x.dtype != a.dtype:
-            x = x.to(a.dtype)
+        a, b = self.in_input_dtype(x, self.A, self.B)
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
-        return self.ops.add_lowered(base_out, h, self.B, self.scaling)
+        return self.ops.add_lowered(base_out, h, b, self.scaling)
 
     def fused_forward(self, x: Tensor) -> Tensor | None:
         """base(x) + s·(x Aᵀ) Bᵀ as one autograd function (`geopeft.kernels.lora_linear`:

@@ -44,9 +44,7 @@ class USVAdapter(Adapter):
         return u, (s[:, None] * v.mT if self.diag_s else s @ v.mT)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        b, a = self._fold()
-        if x.is_floating_point() and x.dtype != a.dtype:
-            x = x.to(a.dtype)
+        b, a = self.in_input_dtype(x, *self._fold())
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
         return self.ops.add_lowered(base_out, h, b, self.scaling)
 
@@ -60,18 +58,22 @@ class USVAdapter(Adapter):
         return self.U @ s, self.V.mT
 
     @torch.no_grad()
-    def resize(self, new_rank: int, keep: Tensor | None = None):
-        """Adapter.resize, then the new columns of U and V are filled orthonormally (to
-        each other and to the kept ones) while S's new rows and columns stay zero: U, V
-        stay on the Stiefel manifold and ΔW does not change."""
+    def resize(self, new_rank: int, keep: Tensor | None = None, *, basis=None, values=None):
+        """Adapter.resize; growing by `keep` (no `basis` or `values` for U, V) fills the new
+        columns of U and V orthonormally (to each other and to the kept ones) while S's new
+        rows and columns stay zero: U, V stay on the Stiefel manifold and ΔW does not change."""
         m, n = self.shape
         if isinstance(new_rank, int) and new_rank > min(m, n):
             raise ShapeError(f"rank {new_rank} is larger than this {m}x{n} layer allows (U and V "
                              f"need orthonormal columns): use rank <= {min(m, n)}")
         kept = min(self.rank, new_rank) if keep is None else len(keep)
-        swapped = super().resize(new_rank, keep)
+        swapped = super().resize(new_rank, keep, basis=basis, values=values)
+        given = set(basis or {}) | set(values or {})
         if new_rank > kept:
-            for factor in (self.U, self.V):
+            for name in ("U", "V"):
+                if name in given:
+                    continue
+                factor = getattr(self, name)
                 old = factor[:, :kept].float()
                 fresh = torch.randn(factor.shape[0], new_rank - kept, device=factor.device)
                 for _ in range(2):  # twice: one Gram–Schmidt pass loses orthogonality

@@ -38,7 +38,8 @@ class StiefelManifold(Manifold):
                    (skipped when n = d): True takes d = `hidden_size`; a number is d itself;
                    False (default) leaves Δ alone;
       hidden_size  the model's hidden size d; `geopeft.adapt` fills it from the model's
-                   config when the model declares one.
+                   config when the model declares one, else with the most common dimension
+                   among the adapted layers (logged at INFO); an explicit value wins.
     """
 
     name = "stiefel"
@@ -73,6 +74,13 @@ class StiefelManifold(Manifold):
         if self.step_scaling is False:
             return None
         return float(self.step_scaling)
+
+    def shape_problem(self, shape):
+        n, p = shape
+        if n < p:
+            return (f"stiefel needs at least as many rows as columns (p orthonormal columns in "
+                    f"R^n, n >= p), and {n} < {p}")
+        return None
 
     def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
         return tangent_project(x, u)

@@ -1,15 +1,18 @@
-"""LoRA's other parts: the flat manifold, the fixed rank controller, PEFT's init."""
+"""The components core itself provides, so core works with no plugin installed:
+the flat manifold `euclidean`, the rank controller `fixed` and the default
+initializer `lora`. The registry registers this module as the plugin "core",
+whatever `GEOPEFT_PLUGINS` says."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from geopeft import Initializer, Manifold, RankController
-
-from .adapter import lora_init_
+from .hookspecs import hookimpl
+from .interfaces import Adapter, Initializer, Manifold, RankController
 
 
 class EuclideanManifold(Manifold):
@@ -51,8 +54,20 @@ class FixedRank(RankController):
         return None
 
 
+def lora_init_(adapter: Adapter) -> None:
+    """PEFT's LoRA init of an (A (r, n), B (m, r)) adapter: A Kaiming-uniform (a=√5), B zero;
+    for embeddings A zero, B normal. Either way ΔW = 0."""
+    with torch.no_grad():
+        if adapter.ops.kind == "embedding":
+            nn.init.zeros_(adapter.A)
+            nn.init.normal_(adapter.B)
+        else:
+            nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
+            nn.init.zeros_(adapter.B)
+
+
 class LoRAInit(Initializer):
-    """PEFT's LoRA init: A Kaiming-uniform, B = 0 (embeddings: A = 0, B normal), so ΔW = 0."""
+    """PEFT's LoRA init (`lora_init_`) on every adapter, so ΔW = 0 at the start."""
 
     name = "lora"
     requires = frozenset({"A", "B"})
@@ -60,3 +75,18 @@ class LoRAInit(Initializer):
     def initialize(self, adapters, model=None, batches=None, loss_fn=None):
         for _, adapter in adapters:
             lora_init_(adapter)
+
+
+@hookimpl
+def register_manifolds(register):
+    register("euclidean", EuclideanManifold)
+
+
+@hookimpl
+def register_rank_controllers(register):
+    register("fixed", FixedRank)
+
+
+@hookimpl
+def register_initializers(register):
+    register("lora", LoRAInit)

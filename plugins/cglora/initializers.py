@@ -1,0 +1,158 @@
+"""Data-aware initializers: `cg` (CG-LoRA), `lora_ga` (LoRA-GA) and `pissa` (PiSSA).
+
+Each computes a rank-r update u·diag(σ)·vᵀ per layer (fp32) and writes it into the
+adapter with `set_from_svd`: two-factor adapters get the balanced split
+B = u√(σ/s), A = √(σ/s)vᵀ (BᵀB = AAᵀ), three-factor ones U = u, S = σ/s, V = v, so that
+the adapter's ΔW = s·(factors) is the update. `shift` subtracts it from the base weight
+(`geopeft.shift.shift_base`, recorded for save/load/export) so the model's function is
+unchanged at step 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from geopeft import Adapter, ConfigError, Initializer, calibrate
+from geopeft.calibration import DEFAULT_BATCHES, DEFAULT_DENSE_LIMIT
+from geopeft.shift import shift_base
+
+from .lowrank import newton_lowrank, product_svd, top_svd
+
+
+def set_from_svd(name: str, adapter: Adapter, u: Tensor, sigma: Tensor, v: Tensor) -> None:
+    """Set `adapter`'s factors so that its ΔW (matrix view) is u (m, r)·diag(σ (r,))·v (n, r)ᵀ.
+
+    Two factors (A, B): balanced split; a component with σ_k ≤ max(m, n)·ε·σ_1 (the
+    update has rank < r) keeps its column of B and row of A as the adapter built them
+    (LoRA's init: zero B column), so it contributes nothing yet still trains.
+    Three factors (U, S, V): U = u, S = σ/s (diagonal), V = v, all orthonormal."""
+    names = set(adapter.factor_names)
+    s = adapter.scaling
+    if {"A", "B"} == names:
+        m, n = adapter.shape
+        keep = sigma > max(m, n) * torch.finfo(torch.float32).eps * sigma.max()
+        root = (sigma / s).sqrt()
+        b = torch.where(keep, u * root, adapter.B.float())
+        a = torch.where(keep[:, None], root[:, None] * v.mT, adapter.A.float())
+        adapter.B.copy_(b)
+        adapter.A.copy_(a)
+    elif {"U", "S", "V"} == names:
+        adapter.U.copy_(u)
+        adapter.V.copy_(v)
+        diag = sigma / s
+        adapter.S.copy_(diag if adapter.S.dim() == 1 else torch.diag(diag))
+    else:
+        raise ConfigError(f"layer {name!r}: this initializer writes two-factor (A, B) or three-factor "
+                          f"(U, S, V) adapters; {type(adapter).__name__} has factors "
+                          f"{', '.join(adapter.factor_names)}")
+
+
+def _check_batches(num_batches: int) -> int:
+    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    return num_batches
+
+
+class CurvatureGuidedInit(Initializer):
+    """CG-LoRA (Zheng & Proutière, arXiv 2603.29824): ΔW₀ = −scale·G^{-1/2}[G^{-1/2}∇W A^{-1/2}]_r A^{-1/2},
+    the best rank-r approximation, in the K-FAC curvature norm, of the damped Newton step
+    (derivation: docs/methods/cglora.md).
+
+    Options: `damping` λ (relative: λ·tr(M)/k is added to each K-FAC factor M (k, k)),
+    `scale` (1 = the full Newton step), `shift` (subtract ΔW₀ from W: the model starts at
+    its base function), `num_batches` (calibration batches used), `dense_limit` (larger
+    sides keep a diagonal second moment), `progress` (a tqdm bar when slow)."""
+
+    name = "cg"
+    needs_data = True
+
+    def __init__(self, damping: float = 0.1, scale: float = 1.0, shift: bool = False,
+                 num_batches: int = DEFAULT_BATCHES, dense_limit: int = DEFAULT_DENSE_LIMIT,
+                 progress: bool = True):
+        if not float(damping) >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping!r}")
+        if not float(scale) > 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+        self.damping = float(damping)
+        self.scale = float(scale)
+        self.shift = bool(shift)
+        self.num_batches = _check_batches(num_batches)
+        self.dense_limit = int(dense_limit)
+        self.progress = bool(progress)
+
+    def initialize(self, adapters: Sequence[tuple[str, Adapter]], model=None, batches=None, loss_fn=None):
+        stats = calibrate(model, adapters, batches, loss_fn, num_batches=self.num_batches,
+                          dense_limit=self.dense_limit, progress=self.progress)
+        for name, adapter in adapters:
+            st = stats[name]
+            p, q = newton_lowrank(st.grad, st.input_moment, st.output_moment, adapter.rank, self.damping)
+            u, sigma, v = product_svd(p, q)
+            set_from_svd(name, adapter, u, self.scale * sigma, v)
+            if self.shift:
+                shift_base(adapter)
+
+    def options(self):
+        return {"damping": self.damping, "scale": self.scale, "shift": self.shift,
+                "num_batches": self.num_batches, "dense_limit": self.dense_limit,
+                "progress": self.progress}
+
+
+class LoRAGAInit(Initializer):
+    """LoRA-GA (Wang, Yu, Li, NeurIPS 2024, arXiv 2407.05000): with ∇W = U Σ Vᵀ over the
+    calibration batches, A₀ = ζ·V[:, :r]ᵀ, B₀ = ζ·U[:, r:2r], ζ = d_out^{1/4}/√γ (the paper's
+    "stable" scale, γ = `stable_gamma`), and W ← W − s·B₀A₀ (`shift`, default True): the first
+    step's ΔW then follows the top-2r part of the gradient. Needs 2r ≤ min(m, n)."""
+
+    name = "lora_ga"
+    requires = frozenset({"A", "B"})
+    needs_data = True
+
+    def __init__(self, stable_gamma: float = 16.0, shift: bool = True,
+                 num_batches: int = DEFAULT_BATCHES, progress: bool = True):
+        if not float(stable_gamma) > 0:
+            raise ValueError(f"stable_gamma must be > 0, got {stable_gamma!r}")
+        self.stable_gamma = float(stable_gamma)
+        self.shift = bool(shift)
+        self.num_batches = _check_batches(num_batches)
+        self.progress = bool(progress)
+
+    def initialize(self, adapters, model=None, batches=None, loss_fn=None):
+        for name, adapter in adapters:
+            m, n = adapter.shape
+            if 2 * adapter.rank > min(m, n):
+                raise ConfigError(f"lora_ga splits 2r = {2 * adapter.rank} singular vectors between B and A, "
+                                  f"more than layer {name!r} ({m}x{n}) has: use rank <= {min(m, n) // 2}")
+        stats = calibrate(model, adapters, batches, loss_fn, num_batches=self.num_batches,
+                          moments=False, progress=self.progress)
+        for name, adapter in adapters:
+            r, m = adapter.rank, adapter.shape[0]
+            u, _, v = top_svd(stats[name].grad, 2 * r)
+            zeta = m ** 0.25 / self.stable_gamma ** 0.5
+            adapter.A.copy_(zeta * v[:, :r].mT)
+            adapter.B.copy_(zeta * u[:, r:2 * r])
+            if self.shift:
+                shift_base(adapter)
+
+    def options(self):
+        return {"stable_gamma": self.stable_gamma, "shift": self.shift,
+                "num_batches": self.num_batches, "progress": self.progress}
+
+
+class PiSSAInit(Initializer):
+    """PiSSA (Meng, Wang, Zhang, NeurIPS 2024, arXiv 2404.02948): the adapter takes the
+    principal part of W = U Σ Vᵀ, ΔW₀ = U_r Σ_r V_rᵀ, and the base keeps the residual
+    W − ΔW₀ (always shifted: the model's function is unchanged). SVD in fp32."""
+
+    name = "pissa"
+
+    def initialize(self, adapters, model=None, batches=None, loss_fn=None):
+        for name, adapter in adapters:
+            w = adapter.base_weight()
+            if w.is_meta:
+                raise ConfigError(f"pissa needs the base weight of {name!r}, which is on the meta device")
+            u, sigma, v = top_svd(w.detach().float(), adapter.rank)
+            set_from_svd(name, adapter, u, sigma, v)
+            shift_base(adapter)

@@ -1,0 +1,77 @@
+"""The low-rank linear algebra of the data-aware initializers (fp32, one layer at a time).
+
+    damped_factor(M, λ)         L with L·Lᵀ = M + λ·tr(M)/k·I (Cholesky; √ of a diagonal (k,))
+    top_svd(M, r)               the r leading singular triplets (exact, or randomized when large)
+    newton_lowrank(stats, r, λ) (P (m, r), Q (r, n)): P·Q is the best rank-r approximation, in
+                                the K-FAC curvature norm, of the damped Newton step
+    product_svd(P, Q)           a thin SVD u·diag(σ)·vᵀ of P·Q from two QRs and an r×r SVD
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: above this min(m, n) the top-r SVD is randomized (torch.svd_lowrank, 4 power iterations)
+EXACT_SVD_LIMIT = 2048
+
+
+def damped_factor(moment: Tensor, damping: float) -> Tensor:
+    """L with L·Lᵀ = M + λ̄I, λ̄ = damping·tr(M)/k (damping relative to M's mean eigenvalue,
+    so it does not depend on how the loss is normalised): M (k, k) symmetric PSD → its
+    lower Cholesky factor (k, k); M (k,) a diagonal → √(M + λ̄) (k,). M = 0 gives I.
+    A matrix that is not numerically positive definite (damping 0) gets a jitter of
+    1e-6·tr(M)/k."""
+    m = moment.float()
+    mean = (m if m.dim() == 1 else torch.diagonal(m)).mean().clamp_min(0)
+    lam = damping * mean if mean > 0 else torch.ones_like(mean)
+    if m.dim() == 1:
+        return (m.clamp_min(0) + lam).clamp_min(torch.finfo(m.dtype).tiny).sqrt()
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    factor, info = torch.linalg.cholesky_ex(m + lam * eye)
+    if info != 0:
+        factor = torch.linalg.cholesky(m + (lam + 1e-6 * mean.clamp_min(1e-30)) * eye)
+    return factor
+
+
+def _solve_left(factor: Tensor, x: Tensor, transpose: bool) -> Tensor:
+    """L⁻¹·x (or L⁻ᵀ·x) for a lower-triangular (k, k) L, or a (k,) diagonal."""
+    if factor.dim() == 1:
+        return x / factor[:, None]
+    return torch.linalg.solve_triangular(factor.mT if transpose else factor, x, upper=transpose)
+
+
+def top_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(U (m, r), σ (r,), V (n, r)) of the r largest singular values of m, descending."""
+    if min(m.shape) > EXACT_SVD_LIMIT:
+        u, s, v = torch.svd_lowrank(m, q=min(rank + 10, min(m.shape)), niter=4)
+        return u[:, :rank], s[:rank], v[:, :rank]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank].mT
+
+
+def newton_lowrank(grad: Tensor, input_moment: Tensor, output_moment: Tensor, rank: int,
+                   damping: float) -> tuple[Tensor, Tensor]:
+    """(P (m, r), Q (r, n)) with P·Q = argmin_{rank ≤ r} ‖G^{1/2}(ΔW − ΔW_N)A^{1/2}‖_F, where
+    A, G are the damped moments and ΔW_N = −G⁻¹·∇W·A⁻¹ the damped K-FAC Newton step.
+
+    With G = L_G L_Gᵀ, A = L_A L_Aᵀ (Cholesky) the norm is ‖L_Gᵀ(ΔW − ΔW_N)L_A‖_F = ‖Z + M‖_F
+    for Z = L_Gᵀ ΔW L_A and M = L_G⁻¹ ∇W L_A⁻ᵀ (ranks of Z and ΔW agree), so Eckart–Young
+    gives Z = −[M]_r = −U_r Σ_r V_rᵀ and ΔW = −L_G⁻ᵀ U_r Σ_r V_rᵀ L_A⁻¹. M differs from the
+    symmetric whitening G^{-1/2} ∇W A^{-1/2} by orthogonal factors on each side
+    (G^{-1/2} = O·L_G⁻¹ with O orthogonal), so Σ_r and ΔW are the same; Cholesky is the
+    cheaper factorisation."""
+    lg = damped_factor(output_moment, damping)
+    la = damped_factor(input_moment, damping)
+    whitened = _solve_left(la, _solve_left(lg, grad.float(), transpose=False).mT, transpose=False).mT
+    u, s, v = top_svd(whitened, rank)
+    return -_solve_left(lg, u * s, transpose=True), _solve_left(la, v, transpose=True).mT
+
+
+def product_svd(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(u (m, r), σ (r,), v (n, r)) with u·diag(σ)·vᵀ = P·Q, u and v orthonormal, σ descending:
+    P = Q_P R_P, Qᵀ = Q_Q R_Q, R_P R_Qᵀ = a·diag(σ)·bᵀ → u = Q_P a, v = Q_Q b. O((m + n) r²)."""
+    qp, rp = torch.linalg.qr(p)
+    qq, rq = torch.linalg.qr(q.mT)
+    a, s, bh = torch.linalg.svd(rp @ rq.mT)
+    return qp @ a, s, qq @ bh.mT

@@ -1,0 +1,106 @@
+"""The train and compare jobs on a tiny BERT built from a config (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import geopeft
+from geopeft.cli import main
+from geopeft.jobs.cli import prepare
+from geopeft.jobs.config import load_config
+from geopeft.jobs.train import train_run
+
+TINY = """
+methods: [lora, tiny_stella]
+model: {kind: bert, hidden_size: 32, layers: 2, heads: 2, intermediate_size: 64, max_length: 24}
+adapt: {targets: [query, value], rank: 4}
+data: {max_eval: 48}
+train: {steps: 6, batch_size: 8, eval_every: 3, checkpoint_every: 2, progress: false}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path, plugin):
+    """A tiny-BERT config, and a third-party recipe 'tiny_stella' that recommends lr 2e-3."""
+    @geopeft.hookimpl
+    def register_methods(register):
+        register("tiny_stella", geopeft.Recipe(name="tiny_stella", adapter="usv",
+                                               initializer="orthonormal", lr=2e-3))
+
+    plugin(types.SimpleNamespace(register_methods=register_methods), "tiny_recipes")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY + f"output_dir: {tmp_path / 'results'}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return prepare(load_config(path))
+
+
+def test_compare_writes_table_json_and_png(tiny_config, capsys):
+    assert main(["compare", str(tiny_config), "train.steps=4"]) == 0
+    out = tiny_config.parent / "results" / "tiny"
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    assert [r["method"] for r in summary] == ["lora", "tiny_stella", "full"]
+    by = {r["method"]: r for r in summary}
+    assert by["tiny_stella"]["lr"] == 2e-3 and by["lora"]["lr"] == 1e-3  # recipe lr, else default_lr
+    assert by["full"]["gap_to_full"] == 0.0 and by["lora"]["step_time_vs_lora"] == 1.0
+    assert by["tiny_stella"]["violation"] < 1e-5 and by["lora"]["violation"] is None  # Stiefel U, V
+    assert by["full"]["trainable_params"] > 50 * by["lora"]["trainable_params"]
+    table = (out / "compare.md").read_text()
+    assert sum(line.startswith("| lora |") or line.startswith("| tiny_stella |")
+               or line.startswith("| full |") for line in table.splitlines()) == 3
+    assert "| lora |" in capsys.readouterr().out  # the table is printed too
+    with Image.open(out / "compare.png") as img:
+        img.load()  # decodes the whole image
+        assert img.format == "PNG" and img.size == (990, 675)
+
+
+def test_bad_key_and_unknown_recipe_fail_before_running(tiny_config, capsys):
+    assert main(["compare", str(tiny_config), "train.stepz=4"]) == 2
+    err = capsys.readouterr().err
+    assert "'train.stepz'" in err and "did you mean 'steps'" in err and "batch_size" in err
+    assert main(["compare", str(tiny_config), "methods=[lora,stela]"]) == 2
+    assert "did you mean 'stella'" in capsys.readouterr().err
+    assert main(["train", str(tiny_config), "train.steps=many"]) == 2
+    assert "'train.steps'" in capsys.readouterr().err
+    assert not (tiny_config.parent / "results").exists()  # nothing ran
+
+
+def test_train_resume_is_bitwise_equal(tiny_config, tiny_data, tmp_path):
+    cfg = load_config(tiny_config, ["method=stella", f"output_dir={tmp_path}"])
+    whole = train_run(cfg, "stella", tiny_data, tmp_path / "whole", checkpoint=True)
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the last checkpoint is at step 4
+        train_run(cfg, "stella", tiny_data, tmp_path / "cut", checkpoint=True, on_step=interrupt)
+    assert not (tmp_path / "cut" / "adapter").exists()
+    assert main(["train", str(tiny_config), "method=stella", f"output_dir={tmp_path}", "run=cut",
+                 "--resume"]) == 0
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert resumed["losses"] == whole["losses"] and resumed["test_acc"] == whole["test_acc"]
+    assert (tmp_path / "cut" / "config.yaml").is_file()
+
+
+def test_config_reference_is_current():
+    from pathlib import Path
+
+    from geopeft.jobs.docgen import render
+
+    path = Path(__file__).parent.parent / "docs" / "config.md"
+    assert path.read_text() == render(), "regenerate: python -m geopeft.jobs.docgen docs/config.md"
