@@ -24,18 +24,6 @@ def fused_linear(adapter: Adapter, x: Tensor, a: Tensor, b: Tensor) -> Tensor | 
     return lora_linear(x, base.weight, base.bias, a, b, adapter.scaling)
 
 
-def fused_linear(adapter: Adapter, x: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
-    """`geopeft.kernels.lora_linear` of adapter's base layer with factors (B = b, A = a)
-    when the fused path applies (see `LoRAAdapter.fused_forward`), else None."""
-    base = adapter.base_layer
-    if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
-            or (adapter.training and getattr(adapter, "dropout_p", 0.0) > 0)
-            or not x.is_floating_point() or not x.dtype == base.weight.dtype == a.dtype == b.dtype
-            or torch.is_autocast_enabled(x.device.type)):
-        return None
-    return lora_linear(x, base.weight, base.bias, a, b, adapter.scaling)
-
-
 class LoRAAdapter(Adapter):
     """ΔW = scaling·B·A with scaling = α/r (α/√r with `rslora`).
 
@@ -68,8 +56,8 @@ class LoRAAdapter(Adapter):
 
     def fused_forward(self, x: Tensor) -> Tensor | None:
         """base(x) + s·(x Aᵀ) Bᵀ as one autograd function (`geopeft.kernels.lora_linear`:
-        backward keeps only x and x Aᵀ) for a plain nn.Linear base without hooks, with x,
-        W and the factors in one dtype, no active dropout and no autocast; else None."""
+        backward keeps only x and x Aᵀ) for a plain nn.Linear base without hooks, x in
+        W's dtype (the factors are cast to it), no active dropout and no autocast; else None."""
         return fused_linear(self, x, self.A, self.B)
 
     def delta_weight(self) -> Tensor:
