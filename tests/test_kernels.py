@@ -71,7 +71,7 @@ def test_fused_path_equals_unfused_adapter(dtype, tol, tokens, monkeypatch):
     x2 = x.detach().clone().requires_grad_()
     unfused = adapter(x2, layer.base_layer(x2))
     ref_grads = torch.autograd.grad(unfused, (x2, adapter.A, adapter.B), dy)
-    rel = lambda a, b: float((a.detach().float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    rel = lambda a, b: float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())  # noqa: E731
     assert rel(fused, unfused) < tol
     for got, ref in zip(grads, ref_grads):
         assert rel(got, ref) < tol
