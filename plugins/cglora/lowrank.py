@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: above this min(m, n) the top-r SVD is randomized (torch.svd_lowrank, 4 power iterations)
+#: above this min(m, n) the top-r SVD is randomized (torch.svd_lowrank: r + max(r, 16)
+#: columns, 6 power iterations); exact at or below it
 EXACT_SVD_LIMIT = 2048
 
 
@@ -42,12 +43,22 @@ def _solve_left(factor: Tensor, x: Tensor, transpose: bool) -> Tensor:
 
 
 def top_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(U (m, r), σ (r,), V (n, r)) of the r largest singular values of m, descending."""
+    """(U (m, r), σ (r,), V (n, r)) of the r largest singular values of m, descending.
+
+    Up to min(m, n) = EXACT_SVD_LIMIT: exact, from the eigendecomposition of the smaller
+    Gram matrix (k × k, k = min(m, n): cheaper than a full SVD when r ≪ k; the top
+    singular pairs keep full accuracy); above it randomized. A zero singular value gets
+    a zero column on the long side."""
     if min(m.shape) > EXACT_SVD_LIMIT:
-        u, s, v = torch.svd_lowrank(m, q=min(rank + 10, min(m.shape)), niter=4)
+        u, s, v = torch.svd_lowrank(m, q=min(rank + max(rank, 16), min(m.shape)), niter=6)
         return u[:, :rank], s[:rank], v[:, :rank]
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank].mT
+    wide = m.shape[0] <= m.shape[1]
+    x = m if wide else m.mT                      # (k, l), k ≤ l
+    evals, evecs = torch.linalg.eigh(x @ x.mT)   # ascending
+    short = evecs[:, -rank:].flip(-1)
+    s = evals[-rank:].flip(-1).clamp_min(0).sqrt()
+    long = (x.mT @ short) / torch.where(s > 0, s, torch.ones_like(s))
+    return (short, s, long) if wide else (long, s, short)
 
 
 def newton_lowrank(grad: Tensor, input_moment: Tensor, output_moment: Tensor, rank: int,
