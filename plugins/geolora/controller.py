@@ -98,10 +98,11 @@ class GeoLoRAController(RankController):
         self.history.start({n: a.rank for n, a in adapters})
         augmenting, _ = self._phase(step + 1)
         self._captured = {}
+        # the optimizer moves S, and (train_bases) rewrites U's and V's gradients in place
+        keep = (lambda t: t.detach().clone()) if self.train_bases else (lambda t: t.detach())
         for _, a in adapters:
             if augmenting and a.U.grad is not None and a.V.grad is not None:
-                self._captured[id(a)] = (a.U.grad.detach().clone(), a.V.grad.detach().clone(),
-                                         a.S.detach().clone())
+                self._captured[id(a)] = (keep(a.U.grad), keep(a.V.grad), a.S.detach().clone())
             if not self.train_bases:
                 a.U.grad = None  # the optimizer and the geometric stages leave U, V alone
                 a.V.grad = None
