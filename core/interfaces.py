@@ -215,6 +215,13 @@ class Adapter(nn.Module, abc.ABC):
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         """base_out plus the adapter's contribution, without forming ΔW."""
 
+    def fused_forward(self, x: Tensor) -> Tensor | None:
+        """The base layer's output plus the adapter's, computed in one fused function
+        (base and update together, e.g. `geopeft.kernels.lora_linear`), or None when this
+        adapter or this call has no fused path; then `AdaptedLayer` runs the base layer and
+        `forward`. The default has none."""
+        return None
+
     @abc.abstractmethod
     def to_lora(self) -> tuple[Tensor, Tensor]:
         """(B (m, r), A (r, n)) with `scaling * B @ A` equal to ΔW as an (m, n) matrix."""

@@ -36,6 +36,10 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not (self.merged or self.disabled or args or kwargs):
+            fused = self.adapter.fused_forward(x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled and not self.merged and base_shift(self.adapter) is not None:
             return add_shift_output(self.adapter, x, out)  # the unshifted base function
