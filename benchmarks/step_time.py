@@ -17,15 +17,18 @@ step by step - warm-up rounds first, then timed rounds - so that load from other
 processes hits all of them alike; the order within a round rotates every round.
 Per method it reports the median step time (time.perf_counter) and its ratio to the
 baseline's median (PEFT LoRA; < 1 means faster than PEFT), the ratio to geopeft's LoRA
-(goals: StelLA <= 1.05, LoRA-Pro <= 1.10, BaLoRA <= 1.03), and the median time of
+(goals: StelLA <= 1.05, LoRA-Pro <= 1.10, BaLoRA <= 1.03, GeoLoRA <= 1.15, and GeoLoRA
+faster than PEFT's AdaLoRA at the same rank budget), and the median time of
 optimizer.step() alone, where geometric methods add their work (StelLA: Riemannian
 gradients and retractions; LoRA-Pro, in its default `efficient` mode: the adjusted
-gradients; BaLoRA: balancing all 36 pairs after AdamW).
+gradients; BaLoRA: balancing all 36 pairs after AdamW; GeoLoRA: its basis augmentation
+and truncation every 10th step; PEFT's AdaLoRA: its `update_and_allocate`).
 
 Run it from the repository root (several minutes on a 2-core CPU):
 
     .venv/bin/python benchmarks/step_time.py
     .venv/bin/python benchmarks/step_time.py --steps 20 --warmup 3 --json step_time.json
+    .venv/bin/python benchmarks/step_time.py --methods geopeft-geolora,peft-adalora
 
 To compare another method, add a builder to METHODS: a function taking the parsed
 arguments and returning a `Built` (model, optimizer, adapted layer names).
@@ -77,6 +80,10 @@ class Built:
     extra_params: int = 0
     #: ΔW = 0 at init, so the initial loss is the base model's (StelLA starts from U·Vᵀ ≠ 0)
     zero_init: bool = True
+    #: called with the step index right after optimizer.step() (PEFT AdaLoRA's
+    #: update_and_allocate, which its users must call by hand); timed with the step
+    after_step: Callable[[int], None] | None = None
+    steps_taken: int = 0
 
     @property
     def trainable(self) -> int:
@@ -100,15 +107,36 @@ def build_peft_lora(args: argparse.Namespace) -> Built:
     return Built(model, optimizer, adapted)
 
 
-def build_geopeft(method: str) -> Callable[[argparse.Namespace], Built]:
+def build_peft_adalora(args: argparse.Namespace) -> Built:
+    """PEFT's AdaLoRA with GeoLoRA's rank budget: init_r = 2·rank (GeoLoRA's r_max), target_r =
+    rank (GeoLoRA's budget per layer), masking every step on its cubic schedule, + AdamW, with
+    `update_and_allocate(step)` after each optimizer step. Its orthogonality regulariser is
+    left out (PEFT adds it only when the model returns a loss)."""
+    config = peft.AdaLoraConfig(init_r=2 * args.rank, target_r=args.rank, lora_alpha=2 * args.rank,
+                                lora_dropout=0.0, target_modules=TARGETS, tinit=0, tfinal=0, deltaT=1,
+                                total_step=10_000)
+    model = peft.get_peft_model(load_minilm(), config)
+    prefix = "base_model.model."
+    adapted = [name.removeprefix(prefix) for name, module in model.named_modules()
+               if isinstance(module, peft.tuners.adalora.AdaLoraLayer)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    lora_params = sum((m.in_features + m.out_features) * args.rank for m in model.modules()
+                      if isinstance(m, peft.tuners.adalora.AdaLoraLayer))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Built(model, optimizer, adapted, extra_params=trainable - lora_params,
+                 after_step=model.base_model.update_and_allocate)
+
+
+def build_geopeft(method: str, **options) -> Callable[[argparse.Namespace], Built]:
     """A builder for geopeft's `method` on the same targets, rank and alpha as PEFT's LoRA
     (dropout 0), with geopeft.optimizer over torch.optim.AdamW. StelLA: U·S·Vᵀ on the
     Stiefel manifold, √(d/n) step scaling with d = 384 from the config; LoRA-Pro: the
     efficient mode; BaLoRA: every pair balanced after every AdamW step."""
 
     def build(args: argparse.Namespace) -> Built:
+        extra = {k: v(args) if callable(v) else v for k, v in options.items()}
         model = geopeft.adapt(load_minilm(), method=method, targets=TARGETS,
-                              rank=args.rank, alpha=2 * args.rank, dropout=0.0)
+                              rank=args.rank, alpha=2 * args.rank, dropout=0.0, **extra)
         optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
         adapters = geopeft.adapters(model)
         extra = sum(sum(p.numel() for p in a.factors().values()) - (a.shape[0] + a.shape[1]) * a.rank
@@ -128,6 +156,11 @@ METHODS: dict[str, Callable[[argparse.Namespace], Built]] = {
     "geopeft-stella": build_geopeft("stella"),
     "geopeft-lorapro": build_geopeft("lorapro"),
     "geopeft-balora": build_geopeft("balora"),
+    # GeoLoRA: rank 8 to start, at most 16, augmentation + truncation every 10 steps, and the
+    # total rank held to LoRA's (8 per layer) at every truncation
+    "geopeft-geolora": build_geopeft("geolora", r_max=lambda a: 2 * a.rank, period=10,
+                                     budget=lambda a: a.rank * EXPECTED_LAYERS),
+    "peft-adalora": build_peft_adalora,
 }
 #: a second reference: each method's step time is also given relative to this one
 LORA = "geopeft-lora"
@@ -154,6 +187,9 @@ def train_step(built: Built, batch: dict[str, Tensor]) -> tuple[float, float]:
     loss.backward()
     before_step = time.perf_counter()
     built.optimizer.step()
+    if built.after_step is not None:
+        built.after_step(built.steps_taken)
+    built.steps_taken += 1
     after_step = time.perf_counter()
     built.optimizer.zero_grad()
     return time.perf_counter() - start, after_step - before_step
@@ -246,10 +282,12 @@ def print_table(results: dict[str, dict]) -> None:
     print(f"ratio   = median step time / the baseline's ({BASELINE}) median step time "
           "(goal for geopeft-lora: <= 1.00)")
     print(f"vs lora = median step time / {LORA}'s median step time (goals: geopeft-stella <= 1.05, "
-          "geopeft-lorapro <= 1.10, geopeft-balora <= 1.03)")
+          "geopeft-lorapro <= 1.10, geopeft-balora <= 1.03, geopeft-geolora <= 1.15)")
     print("paired  = median over rounds of (step time / the reference's step time in the same "
           "round): less sensitive to load that changes from round to round")
-    print("opt ms  = median time of optimizer.step() alone (where a geometric method's own work is)")
+    print("opt ms  = median time of optimizer.step() alone (where a geometric method's own work is; "
+          "peft-adalora: with its update_and_allocate)")
+    print("geopeft-geolora changes ranks every 10th step: its mean (in the JSON) includes those steps")
 
 
 # ----------------------------------------------------------------------------- main
@@ -264,7 +302,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the batch and the inits")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of {', '.join(METHODS)} "
+                             f"({BASELINE} and {LORA} always run)")
     args = parser.parse_args(argv)
+    if args.methods is not None:
+        unknown = set(args.methods.split(",")) - set(METHODS)
+        if unknown:
+            parser.error(f"unknown methods {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -276,7 +321,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     built = {}
+    chosen = None if args.methods is None else {BASELINE, LORA, *args.methods.split(",")}
     for name, build in METHODS.items():
+        if chosen is not None and name not in chosen:
+            continue
         torch.manual_seed(args.seed)
         built[name] = build(args)
     batch = make_batch(built[BASELINE].model.config.vocab_size, args.batch, args.seq, args.seed)

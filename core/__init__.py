@@ -74,12 +74,13 @@ from .model import adapt, adapters, disable_adapters, merge, unload, unmerge  # 
 from .optim import GeometricOptimizer, optimizer  # noqa: E402
 from .peft_import import import_peft  # noqa: E402
 from .serialization import load, save  # noqa: E402
+from .summary import summary  # noqa: E402
 
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
     "LayerStats", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "TargetPreset",
     "UnknownComponentError", "adapt", "adapters", "calibrate", "components", "disable_adapters",
-    "export_peft", "hookimpl", "import_peft", "load", "merge", "optimizer", "register", "save", "unload",
-    "unmerge", "unregister",
+    "export_peft", "hookimpl", "import_peft", "load", "merge", "optimizer", "register", "save", "summary",
+    "unload", "unmerge", "unregister",
 ]

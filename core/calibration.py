@@ -6,8 +6,12 @@ at the *base* function (adapters skipped) and returns, per adapted layer with ma
 view W (m, n), float32:
 
     grad          ∇W (m, n), the mean over batches of the loss gradient
-    input_moment  A = E[x xᵀ] (n, n): the mean over the rows x (n,) the layer sees
-    output_moment G = T·Σ_t δ_t δ_tᵀ (m, m): δ_t = ∂loss/∂y_t for the T output rows y_t
+    input_moment  A = E[x xᵀ] (n, n): the mean over the T rows x_t (n,) of the layer's input
+    output_moment G = T·Σ_t δ_t δ_tᵀ (m, m): δ_t = ∂loss/∂y_t for the matching output rows y_t
+
+Only rows whose gradient δ_t is not zero count (T is their number): padding and other
+positions the loss does not see change neither ∇W nor the true curvature, so they are
+left out of A as well as of G.
 
 For a loss that is a mean over the T rows, T·δ_t is the row's own loss gradient, so G
 is E[g gᵀ] of the per-row output gradients, and A ⊗ G = (Σ x xᵀ) ⊗ (Σ δ δᵀ) is the
@@ -15,15 +19,21 @@ K-FAC (Kronecker-factored empirical Fisher) block of the layer whatever T is. Bo
 averaged over batches. A "row" is a token (Linear, Conv1D), a patch position (Conv2d,
 x the unfolded patch) or a token id (Embedding: x one-hot, so A is diagonal).
 
-Memory is bounded by those matrices: each forward adds x xᵀ to an (n, n) sum and each
-backward δ δᵀ to an (m, m) sum, so no activation is kept beyond what autograd keeps
-anyway; a side larger than `dense_limit` (and the input side of an Embedding) keeps
+Memory is bounded by those matrices: in the backward pass each layer adds x xᵀ of the
+input it saw (kept from its forward until then, as a LoRA training step keeps it for
+∇A) to an (n, n) sum and δ δᵀ to an (m, m) sum; a side larger than `dense_limit` (and the input side of an Embedding) keeps
 only its diagonal, (n,) or (m,), and `output_moment`/`input_moment` are then vectors.
 Total: Σ_layers (m·n + m² + n²) floats at most.
 
+One forward and one backward per batch, and no weight gradient: a forward hook adds a
+zero scalar leaf to each adapted layer's output (y + z, so the output is differentiable
+while every weight stays frozen), `torch.autograd.grad(loss, z)` runs the backward, and
+each output's tensor hook gets δ and adds Σ δ xᵀ to ∇W (and the moments) from the rows
+that carry gradient.
+
 Always restored, also when `loss_fn` raises: hooks removed, every module's training
 flag, every parameter's `requires_grad`, the adapters' enabled state; parameters'
-`.grad` are never touched (gradients come from `torch.autograd.grad`).
+`.grad` are never touched.
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ class LayerStats:
 
 
 class _Accumulator:
-    """Per-layer running sums for one batch, folded into batch averages by `end_batch`."""
+    """One layer's sums over the current batch, folded into batch averages by `end_batch`."""
 
     def __init__(self, adapter: Adapter, moments: bool, dense_limit: int):
         self.ops = adapter.ops
@@ -67,54 +77,84 @@ class _Accumulator:
         self.moments = moments
         self.dense_in = moments and n <= dense_limit and self.ops.kind != "embedding"
         self.dense_out = moments and m <= dense_limit
-        self.sum_xx = self.sum_gg = None
-        self.rows = 0
         if moments:
             self.in_total = torch.zeros((n, n) if self.dense_in else (n,), device=dev)
             self.out_total = torch.zeros((m, m) if self.dense_out else (m,), device=dev)
         self.grad_total = torch.zeros(m, n, device=dev)
-        self.batches = 0
+        self.batches = self.moment_batches = 0
+        self.start_batch()
 
     def start_batch(self) -> None:
-        self.sum_xx, self.sum_gg, self.rows = None, None, 0
+        self.grad_sum = torch.zeros_like(self.grad_total)
+        self.sum_xx = self.sum_gg = None
+        self.rows = 0
 
-    # -- hooks
-    def forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not self.moments:
-            return
-        x = _input_rows(self.ops, module, args[0])
-        self.rows += x.shape[0] if x.dim() == 2 else int(x.numel())
-        if self.ops.kind == "embedding":  # one-hot rows: Σ x xᵀ is the diagonal of id counts
-            xx = torch.bincount(x.reshape(-1), minlength=self.ops.n).float()
+    def add_rows(self, module: nn.Module, x: Tensor, grad: Tensor) -> None:
+        """Add the rows that carry gradient (δ ≠ 0: not padding, not masked out):
+        ∇W += Σ δ xᵀ, and (with moments) Σ x xᵀ, Σ δ δᵀ."""
+        d = _output_rows(self.ops, grad)
+        live = (d != 0).any(1)
+        d = d[live].float()
+        x = _input_rows(self.ops, module, x)[live]
+        if self.ops.kind == "embedding":  # one-hot rows x = e_id
+            self.grad_sum.index_add_(1, x, d.T)
+            xx = torch.bincount(x, minlength=self.ops.n).float() if self.moments else None
         else:
-            xx = x.T @ x if self.dense_in else (x * x).sum(0)
-        self.sum_xx = xx if self.sum_xx is None else self.sum_xx + xx
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(self._grad_hook)
+            x = x.float()
+            self.grad_sum.addmm_(d.T, x)
+            xx = (x.T @ x if self.dense_in else (x * x).sum(0)) if self.moments else None
+        self.rows += int(d.shape[0])
+        if self.moments:
+            gg = d.T @ d if self.dense_out else (d * d).sum(0)
+            self.sum_xx = xx if self.sum_xx is None else self.sum_xx + xx
+            self.sum_gg = gg if self.sum_gg is None else self.sum_gg + gg
 
-    def _grad_hook(self, grad: Tensor) -> None:
-        g = _output_rows(self.ops, grad)
-        gg = g.T @ g if self.dense_out else (g * g).sum(0)
-        self.sum_gg = gg if self.sum_gg is None else self.sum_gg + gg
-
-    def end_batch(self, grad: Tensor | None) -> None:
-        if grad is not None:
-            self.grad_total += self.ops.as_matrix(grad).float()
+    def end_batch(self) -> None:
+        self.grad_total += self.grad_sum
         if self.moments and self.rows:
             self.in_total += self.sum_xx / self.rows
-            if self.sum_gg is not None:
-                self.out_total += self.sum_gg * self.rows
+            self.out_total += self.sum_gg * self.rows
+            self.moment_batches += 1
         self.batches += 1
+        self.start_batch()
 
     def result(self) -> LayerStats:
-        k = max(self.batches, 1)
+        grad = self.grad_total / max(self.batches, 1)
         if not self.moments:
-            return LayerStats(self.grad_total / k, None, None, self.batches)
-        return LayerStats(self.grad_total / k, self.in_total / k, self.out_total / k, self.batches)
+            return LayerStats(grad, None, None, self.batches)
+        k = max(self.moment_batches, 1)
+        return LayerStats(grad, self.in_total / k, self.out_total / k, self.batches)
+
+
+class _Probe:
+    """Makes every adapted layer's output differentiable without differentiating its weight:
+    y' = y + z with z a zero scalar leaf (one per dtype). Backpropagating the loss to z
+    sends δ = ∂loss/∂y to each layer's hook and computes no weight gradient."""
+
+    def __init__(self, accs: dict[int, _Accumulator]):
+        self.accs = accs
+        self.zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            return None
+        key = (output.dtype, output.device)
+        if key not in self.zeros:
+            self.zeros[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        out = output + self.zeros[key]
+        x = args[0].detach()  # the input, kept until this batch's backward (as LoRA's A keeps it)
+        acc = self.accs[id(module)]
+        out.register_hook(lambda grad: acc.add_rows(module, x, grad))
+        return out
+
+    def backward(self, loss: Tensor) -> None:
+        leaves = list(self.zeros.values())
+        if leaves:
+            torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
 def _input_rows(ops, module: nn.Module, x: Tensor) -> Tensor:
-    """The rows the layer multiplies by W: (T, n) float32 (Embedding: the (T,) ids)."""
+    """The rows the layer multiplies by W: (T, n) (Embedding: the (T,) ids)."""
     if ops.kind == "embedding":
         return x.reshape(-1)
     if ops.kind == "conv2d":
@@ -127,15 +167,15 @@ def _input_rows(ops, module: nn.Module, x: Tensor) -> Tensor:
             raise ConfigError(f"calibration of Conv2d with padding={padding!r} is not supported; "
                               "give the padding as numbers")
         cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (N, n, L)
-        return cols.transpose(1, 2).reshape(-1, ops.n).float()
-    return x.detach().reshape(-1, ops.n).float()
+        return cols.transpose(1, 2).reshape(-1, ops.n)
+    return x.reshape(-1, ops.n)
 
 
 def _output_rows(ops, grad: Tensor) -> Tensor:
-    """The output gradient as (T, m) float32 rows, matching `_input_rows`."""
+    """The output gradient as (T, m) rows, matching `_input_rows`."""
     if ops.kind == "conv2d":  # (N, m, H, W) -> (N·H·W, m)
-        return grad.movedim(1, -1).reshape(-1, ops.m).float()
-    return grad.reshape(-1, ops.m).float()
+        return grad.movedim(1, -1).reshape(-1, ops.m)
+    return grad.reshape(-1, ops.m)
 
 
 def calibrate(model: nn.Module, adapters: Sequence[tuple[str, Adapter]], batches: Iterable[Any],
@@ -151,28 +191,26 @@ def calibrate(model: nn.Module, adapters: Sequence[tuple[str, Adapter]], batches
         raise ConfigError("loss_fn must be a callable loss_fn(model, batch) -> scalar loss tensor")
     if batches is None:
         raise ConfigError("calibration needs init_batches= (an iterable of batches for loss_fn)")
-    accs = {name: _Accumulator(a, moments, dense_limit) for name, a in adapters}
-    weights = [a.base_layer.weight for _, a in adapters]
     for name, a in adapters:
         if a.base_layer.weight.is_meta:
             raise ConfigError(f"calibration needs the base weight of {name!r}, which is on the meta "
                               "device; load the model's weights first")
+    accs = {name: _Accumulator(a, moments, dense_limit) for name, a in adapters}
+    probe = _Probe({id(a.base_layer): accs[name] for name, a in adapters})
     todo = itertools.islice(batches, num_batches)
     with ExitStack() as stack:
         stack.enter_context(_calibration_mode(model, adapters, train_mode))
-        for (name, a) in adapters:
-            stack.callback(a.base_layer.register_forward_hook(accs[name].forward_hook).remove)
+        for _, a in adapters:
+            stack.callback(a.base_layer.register_forward_hook(probe.hook).remove)
         stack.enter_context(torch.enable_grad())
         for batch in _progress(todo, num_batches, progress):
-            for acc in accs.values():
-                acc.start_batch()
             loss = loss_fn(model, batch)
             if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
                 raise ConfigError("loss_fn(model, batch) must return a scalar loss tensor computed from "
                                   f"the model's outputs; got {_describe(loss)}")
-            grads = torch.autograd.grad(loss.reshape(()), weights, allow_unused=True)
-            for (name, _), g in zip(adapters, grads):
-                accs[name].end_batch(g)
+            probe.backward(loss.reshape(()))
+            for acc in accs.values():
+                acc.end_batch()
     stats = {name: acc.result() for name, acc in accs.items()}
     if not stats or next(iter(stats.values())).batches == 0:
         raise ConfigError("init_batches yielded no batch; pass a few calibration batches (default 8)")
@@ -181,14 +219,12 @@ def calibrate(model: nn.Module, adapters: Sequence[tuple[str, Adapter]], batches
 
 @contextmanager
 def _calibration_mode(model: nn.Module, adapters: Sequence[tuple[str, Adapter]], train_mode: bool):
-    """Adapters skipped, base weights of adapted layers differentiable, the model in eval
-    (or train) mode; everything put back on exit."""
+    """Adapters skipped, the model in eval (or train) mode; put back on exit, with every
+    parameter's `requires_grad` (which calibration itself does not change)."""
     from .model import adapted_layers
 
     modes = [(m, m.training) for m in model.modules()]
-    params = {id(p): p for p in model.parameters()}
-    params.update({id(a.base_layer.weight): a.base_layer.weight for _, a in adapters})
-    flags = [(p, p.requires_grad) for p in params.values()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     ours = {id(a) for _, a in adapters}
     layers = [layer for _, layer in adapted_layers(model) if id(layer.adapter) in ours]
     disabled = [(layer, layer.disabled) for layer in layers]
@@ -196,8 +232,6 @@ def _calibration_mode(model: nn.Module, adapters: Sequence[tuple[str, Adapter]],
         model.train(train_mode)
         for layer in layers:
             layer.disabled = True
-        for _, a in adapters:
-            a.base_layer.weight.requires_grad_(True)
         yield
     finally:
         for module, mode in modes:

@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from geopeft.kernels import full
 
-from .errors import GeopeftError
+from .atomic import write_directory
+from .errors import CheckpointError, GeopeftError
 from .model import adapted_layers, adapters, find_root, find_state, trainable_params
 from .shift import lora_of_original_base
 
@@ -83,38 +85,42 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
+    return write_directory(path, {
+        "adapter_model.safetensors": save_safetensors(tensors, metadata={"format": "pt"}),
+        "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode()})
 
 
 def export_saved(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """A directory written by `geopeft.save` → a PEFT LoRA directory, without the base
-    model: the adapters are rebuilt on weightless stand-ins of their base layers."""
-    from safetensors import safe_open
-
+    model: the adapters are rebuilt on weightless (meta) stand-ins of their base layers,
+    their factors materialised on the CPU from the saved values."""
     from .layers import stub_layer
-    from .serialization import WEIGHTS, load, read_config
+    from .serialization import install, read_checkpoint
 
     src = Path(src)
-    config = read_config(src)
+    config, tensors = read_checkpoint(src)
     stub = nn.Module()
     for name, info in config["layers"].items():
         if "weight_shape" not in info:
             raise GeopeftError(f"{src}/geopeft.json predates weight shapes; export with "
                                "geopeft.export_peft(geopeft.load(base_model, src), dst)")
-        _set_module(stub, name, stub_layer(info["kind"], info["weight_shape"]))
-    with safe_open(str(src / WEIGHTS), framework="pt") as f:  # trainable modules' shapes
-        for key in f.keys():
-            if key.startswith("trainable."):
-                mname, _, pname = key.removeprefix("trainable.").rpartition(".")
-                holder = _get_or_make(stub, mname)
-                shape = f.get_slice(key).get_shape()
-                holder.register_parameter(pname, nn.Parameter(torch.empty(shape)))
-    return export_peft(load(stub, src), dst)
+        with _named_as(src, f"layer {name!r}"):
+            _set_module(stub, name, stub_layer(info["kind"], info["weight_shape"]))
+    for key, t in tensors.items():  # trainable modules' parameters, shaped as saved
+        if key.startswith("trainable."):
+            mname, _, pname = key.removeprefix("trainable.").rpartition(".")
+            with _named_as(src, f"tensor {key!r}"):
+                _get_or_make(stub, mname).register_parameter(pname, nn.Parameter(torch.empty_like(t)))
+    return export_peft(install(stub, src, config, tensors, materialize="cpu"), dst)
+
+
+@contextmanager
+def _named_as(src: Path, what: str):
+    """A module name from the file that torch refuses becomes a CheckpointError."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{src}: {what} is not a valid module path ({exc})") from exc
 
 
 def _get_or_make(root: nn.Module, dotted: str) -> nn.Module:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from geopeft.kernels import stack_fp32, write_stacked
 
+from .errors import ShapeError
 from .interfaces import Adapter, Manifold, factor_names_of
 
 
@@ -38,11 +39,29 @@ class FactorGroup:
         stacks = tuple(stack_fp32([ps[i] for ps in self.params]) for i in range(len(self.names)))
         return stacks if self.manifold.coupled else stacks[0]
 
-    def write(self, values: Tensor | tuple[Tensor, ...]) -> None:
-        """Copy stacked values back into the parameters (in their dtype)."""
+    def targets(self) -> list[list[nn.Parameter]]:
+        """The parameters, one list per factor name (what `write` fills)."""
+        return [[ps[i] for ps in self.params] for i in range(len(self.names))]
+
+    def write(self, values: Tensor | tuple[Tensor, ...], op: str = "project") -> None:
+        """Copy stacked values (what the manifold's `op` returned) back into the parameters
+        (in their dtype); ShapeError, before anything is written, if a stack's shape is not
+        the parameters' (a copy would broadcast it silently)."""
         values = values if isinstance(values, tuple) else (values,)
-        for i, stack in enumerate(values):
-            write_stacked([ps[i] for ps in self.params], stack)
+        self.check(values, op)
+        for targets, stack in zip(self.targets(), values):
+            write_stacked(targets, stack)
+
+    def check(self, values: tuple[Tensor, ...], op: str, members: int | None = None) -> None:
+        """ShapeError unless `values` holds one (G, *factor shape) stack per factor name
+        (G = `members`, default all of them)."""
+        g = len(self.members) if members is None else members
+        expected = [(g, *self.params[0][i].shape) for i in range(len(self.names))]
+        got = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in values]
+        if got != expected:
+            raise ShapeError(f"manifold {type(self.manifold).__name__} ({self.manifold.name or 'unnamed'}) "
+                             f"{op} returned {got} for factors {', '.join(self.names)} stacked as "
+                             f"{expected}; {op} must return its input's shape")
 
 
 def factor_groups(adapters: Sequence[Adapter]) -> list[FactorGroup]:

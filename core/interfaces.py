@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -44,7 +45,9 @@ class Manifold(abc.ABC):
     name: ClassVar[str] = ""
     #: True for the flat space: the optimizer skips every geometric stage.
     is_euclidean: ClassVar[bool] = False
-    #: True when the manifold couples several factors (x is a tuple of tensors).
+    #: True when the manifold couples several factors (x is a tuple of tensors). Its
+    #: `project` must keep the product of the factors in key order (BA for "B,A"): the
+    #: adapter's function; the property tests check it.
     coupled: ClassVar[bool] = False
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
@@ -90,7 +93,14 @@ class Manifold(abc.ABC):
     @abc.abstractmethod
     def random_point(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> Tensor:
-        """A random point of M of the given (..., n, p) shape."""
+        """A random point of M of the given (..., n, p) shape (a coupled manifold: a tuple
+        of shapes, one per factor, and a tuple of tensors back)."""
+
+    def shape_problem(self, shape: tuple[int, ...] | tuple[tuple[int, ...], ...]) -> str | None:
+        """None when factors of `shape` — (n, p), or one shape per factor for a coupled
+        manifold — can lie on M; else what M needs, as a phrase ("stiefel needs …").
+        `adapt` refuses a factor that does not fit with it. Default: any shape fits."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """The constructor options, for saving a recipe as JSON."""
@@ -102,6 +112,41 @@ class Manifold(abc.ABC):
 
 
 # --------------------------------------------------------------------------- Adapter
+#: base weight dtypes whose adapters default to float32 factors (PEFT's autocast_adapter_dtype)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def factor_dtype_for(base_dtype: torch.dtype, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype of an adapter's factors: `dtype` if given (a torch.dtype or its name),
+    else float32 on a float16/bfloat16 base (half-precision factors overflow or lose the
+    step under Adam), else the base weight's dtype."""
+    if dtype is None:
+        return torch.float32 if base_dtype in HALF_DTYPES else base_dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype not in FACTOR_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a floating dtype for factors; use one of "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in FACTOR_DTYPES)}")
+    return dtype
+
+
+def check_rank(rank: Any, what: str = "rank") -> None:
+    """ValueError unless `rank` is a positive int (True is not a rank)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{what} must be a positive int, got {rank!r} ({type(rank).__name__})")
+
+
+def check_alpha(alpha: Any) -> None:
+    """ValueError unless `alpha` is None (meaning: the rank) or a positive finite number."""
+    if alpha is None:
+        return
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+            or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"alpha must be a positive finite number (scaling = alpha/rank), got "
+                         f"{alpha!r}")
+
+
 class Adapter(nn.Module, abc.ABC):
     """A low-rank update attached to one base layer.
 
@@ -122,18 +167,26 @@ class Adapter(nn.Module, abc.ABC):
         ops = layer_ops(base)
         if ops is None:
             raise TypeError(f"cannot attach an adapter to {type(base).__name__}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        check_rank(rank)
+        check_alpha(alpha)
         self.ops: LayerOps = ops
         self._base = (base,)  # a reference, not a submodule
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
-        self.factor_dtype = dtype or base.weight.dtype
-        # a weightless (meta) base layer still gets real factors, on the CPU
-        self.factor_device = torch.device("cpu") if base.weight.is_meta else base.weight.device
+        self.factor_dtype = factor_dtype_for(base.weight.dtype, dtype)
+        # on the base weight's device, meta included: `to_empty` / `geopeft.load` materialise them
+        self.factor_device = base.weight.device
         self._manifolds: dict[FactorKey, Manifold] = {}
+
+    def in_input_dtype(self, x: Tensor, *factors: Tensor) -> tuple[Tensor, ...]:
+        """`factors` cast to x's dtype when x is floating point, so the forward computes in
+        the input's dtype (float32 factors of a float16 model run as float16, as under
+        autocast; gradients reach the float32 factors through the cast)."""
+        if not x.is_floating_point():
+            return factors
+        return tuple(f if f.dtype == x.dtype else f.to(x.dtype) for f in factors)
 
     # -- what the base layer is
     @property
@@ -162,6 +215,13 @@ class Adapter(nn.Module, abc.ABC):
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         """base_out plus the adapter's contribution, without forming ΔW."""
 
+    def fused_forward(self, x: Tensor) -> Tensor | None:
+        """The base layer's output plus the adapter's, computed in one fused function
+        (base and update together, e.g. `geopeft.kernels.lora_linear`), or None when this
+        adapter or this call has no fused path; then `AdaptedLayer` runs the base layer and
+        `forward`. The default has none."""
+        return None
+
     @abc.abstractmethod
     def to_lora(self) -> tuple[Tensor, Tensor]:
         """(B (m, r), A (r, n)) with `scaling * B @ A` equal to ΔW as an (m, n) matrix."""
@@ -180,8 +240,7 @@ class Adapter(nn.Module, abc.ABC):
         `scaling` does not change: a rank change must not rescale the output."""
         from geopeft.kernels import change_basis, resize_along
 
-        if not isinstance(new_rank, int) or new_rank < 1:
-            raise ValueError(f"new rank must be a positive int, got {new_rank!r}")
+        check_rank(new_rank, "new rank")
         if keep is not None:
             keep = torch.as_tensor(keep)
             if (keep.dim() != 1 or keep.is_floating_point() or len(keep) > new_rank
@@ -228,8 +287,19 @@ class Adapter(nn.Module, abc.ABC):
         return {"alpha": self.alpha, "rslora": self.rslora}
 
     def extra_repr(self) -> str:
+        """'linear 16x16, rank=4, scaling=2, rslora, U, V: stiefel; S: euclidean'."""
         m, n = self.shape
-        return f"{self.ops.kind} {m}x{n}, rank={self.rank}, scaling={self.scaling:.4g}"
+        parts = [f"{self.ops.kind} {m}x{n}", f"rank={self.rank}", f"scaling={self.scaling:.4g}"]
+        parts += [f"{k}={v}" for k, v in self.options().items() if k not in ("alpha", "rslora") and v]
+        if self.rslora:
+            parts.append("rslora")
+        by_manifold: dict[str, list[str]] = {}
+        for key, manifold in self._manifolds.items():
+            label = manifold.name or type(manifold).__name__
+            by_manifold.setdefault(label, []).append(f"({key})" if "," in key else key)
+        if by_manifold:
+            parts.append("; ".join(f"{', '.join(keys)}: {label}" for label, keys in by_manifold.items()))
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- GradientTransform
@@ -242,6 +312,11 @@ class GradientTransform(abc.ABC):
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: A family of transforms that must not be chained with each other: a recipe with two of
+    #: one family is refused. "gram_preconditioner": a factor's gradient divided by the other
+    #: factor's Gram matrix (LoRA-Pro, scaled GD) — chained, it is divided twice and the step
+    #: blows up as B → 0. "" (default): chains with anything.
+    exclusive: ClassVar[str] = ""
 
     def init_state(self, adapter: Adapter) -> dict[str, Tensor]:
         """Per-adapter state (tensors only, so it round-trips through state_dict)."""
@@ -259,10 +334,19 @@ class GradientTransform(abc.ABC):
         """Same-shape adapters at once. Override to batch; the default loops."""
         return [self.transform(a, g, s) for a, g, s in zip(adapters, grads, states)]
 
+    @property
+    def takes_own_step(self) -> bool:
+        """True when the gradients this transform returns are the step itself (e.g. it
+        keeps its own Adam moments): the optimizer then applies p ← p − lr·g to the
+        adapters' factors, lr of each factor's param group (so LR schedulers act), and
+        the inner optimizer steps only the other parameters (a `trainable=` head gets the
+        update the user asked for). Default False."""
+        return False
+
     def check_optimizer(self, optimizer: torch.optim.Optimizer, adapters: Sequence[Adapter]) -> None:  # noqa: B027
         """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
-        `ConfigError` if it cannot carry out this transform's gradients (e.g. a transform
-        that takes its own step needs them applied as is). Default: any optimizer works."""
+        `ConfigError` if it cannot carry out this transform's gradients. Default: any
+        optimizer works."""
 
     def options(self) -> dict[str, Any]:
         return {}

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, GeopeftError, TargetError
-from .interfaces import Adapter, Recipe
+from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
 from .layers import layer_ops
+from .originals import snapshot, swapped_in, trainable_modules
 from .recipes import Resolved, resolve
 from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
@@ -35,12 +36,24 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not (self.merged or self.disabled or args or kwargs):
+            fused = self.adapter.fused_forward(x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled and not self.merged and base_shift(self.adapter) is not None:
             return add_shift_output(self.adapter, x, out)  # the unshifted base function
         if self.merged or self.disabled:
             return out
         return self.adapter(x, out)
+
+    def __repr__(self) -> str:
+        """The base layer, and the adapter on one line (its own submodules, e.g. dropout,
+        are in its options)."""
+        flags = [f for f in ("merged", "disabled") if getattr(self, f)]
+        state = f"  [{', '.join(flags)}]" if flags else ""
+        return (f"{type(self).__name__}(\n  (base_layer): {self.base_layer!r}\n"
+                f"  (adapter): {type(self.adapter).__name__}({self.adapter.extra_repr()}){state}\n)")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -78,6 +91,9 @@ class AdaptState:
     rank: int
     alpha: float | None
     trainable: list[str] = field(default_factory=list)
+    #: the base model's values of the `trainable` modules (`originals.snapshot`), which
+    #: `disable_adapters` puts back for its block
+    originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "recipe": self.resolved.to_json(),
@@ -98,11 +114,20 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
     if find_state(model) is not None:
         raise GeopeftError("this model already has geopeft adapters; adapt a fresh model, or "
                            "geopeft.load(base_model, dir) to restore saved ones")
-    if not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"rank must be a positive int, got {rank!r}")
+    try:
+        check_rank(rank)
+        check_alpha(alpha)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if alpha is not None:
         overrides["alpha"] = alpha
     found = find_targets(model, targets, exclude)
+    on_meta = [name for name, module in found if module.weight.is_meta]
+    if on_meta:
+        raise ConfigError(f"layer(s) {', '.join(on_meta[:3])} are on the meta device (no weights): "
+                          "adapt initialises factors from real values; materialise the model first "
+                          "(model.to_empty(device=...) and load its weights), then adapt — or, to "
+                          "restore a saved adapter, geopeft.load it onto the materialised model")
     resolved = resolve(method, overrides, context=model_context(model, found))
     _log_inferred_facts(model, resolved, found)
     trainable = list(trainable or [])
@@ -120,12 +145,13 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
             raise ConfigError(f"trainable={t!r} contains adapted layer(s) {', '.join(inside[:3])}: a "
                               "module is either adapted or fully trained; narrow targets= or trainable=")
     built = build_adapters(resolved, found, ranks or {}, rank)  # nothing changed yet
+    originals = snapshot(model, trainable)
     pairs = [(name, adapter) for name, _, adapter in built]
     with installed(model, built, trainable):
         with torch.no_grad():
             resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
             project_onto_manifolds([a for _, a in pairs])
-    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable))
+    setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable, originals))
     return model
 
 
@@ -237,13 +263,23 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 @contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes its base function (adapters skipped)."""
+    """Within the block the model computes its base function exactly: adapters are skipped
+    and `trainable=` modules use the base model's values, kept by `adapt` (as PEFT's
+    modules_to_save keeps the originals). Refused on a merged model (its base weights hold
+    ΔW): `unmerge` it first."""
     layers = _layers_or_error(model)
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise GeopeftError(f"the model is merged (e.g. {merged[0]!r}): its base weights hold ΔW, so "
+                           "disabling the adapters would not give the base model; call "
+                           "geopeft.unmerge(model) first")
+    state = find_state(model)
     before = [layer.disabled for _, layer in layers]
     for _, layer in layers:
         layer.disabled = True
     try:
-        yield model
+        with swapped_in(find_root(model), state.originals if state is not None else {}):
+            yield model
     finally:
         for (_, layer), flag in zip(layers, before):
             layer.disabled = flag
@@ -278,8 +314,26 @@ def build_adapters(resolved: Resolved, found: Sequence[tuple[str, nn.Module]],
             raise ConfigError(f"adapter {resolved.recipe.adapter!r} on {name!r} with options "
                               f"{options}: {exc}") from exc
         adapter.set_manifolds(resolved.manifolds)
+        _check_manifolds_fit(resolved, name, adapter)
         built.append((name, module, adapter))
     return built
+
+
+def _check_manifolds_fit(resolved: Resolved, layer: str, adapter: Adapter) -> None:
+    """Each factor's shape suits its manifold (`Manifold.shape_problem`), else ConfigError."""
+    for key, manifold in adapter.factor_manifolds().items():
+        shapes = tuple(tuple(getattr(adapter, n).shape) for n in factor_names_of(key))
+        if manifold.is_euclidean:
+            continue
+        if any(len(s) != 2 for s in shapes):  # e.g. usv's S with diag_s=True: a vector (r,)
+            problem = "a manifold acts on (n, p) matrices and this factor is not one"
+        else:
+            problem = manifold.shape_problem(shapes if manifold.coupled else shapes[0])
+        if problem:
+            shown = " and ".join("x".join(map(str, s)) for s in shapes)
+            raise ConfigError(f"manifold {resolved.recipe.manifolds.get(key, manifold.name)!r} does not "
+                              f"fit factor {key!r} of the adapter on {layer!r}: the factor is {shown}, "
+                              f"but {problem}; give that factor another manifold (e.g. 'euclidean')")
 
 
 @contextmanager
@@ -312,10 +366,9 @@ def trainable_params(model: nn.Module, trainable: Sequence[str]) -> list[tuple[s
     """[(full parameter name, parameter)] of the modules named in `trainable`, their
     submodules' included, each once: what `adapt` unfreezes, `save` and `export_peft` write."""
     found: dict[str, nn.Parameter] = {}
-    for mname, module in model.named_modules():
-        if any(name_matches(mname, t) for t in trainable):
-            for pname, p in module.named_parameters():
-                found.setdefault(f"{mname}.{pname}", p)
+    for mname, module in trainable_modules(model, trainable):
+        for pname, p in module.named_parameters():
+            found.setdefault(f"{mname}.{pname}", p)
     return list(found.items())
 
 
@@ -340,6 +393,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _check_rank(name: str, module: nn.Module, rank: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"the rank of layer {name!r} must be a positive int, got {rank!r} "
+                          f"({type(rank).__name__})")
     ops = layer_ops(module)
     if rank > min(ops.m, ops.n):
         raise ConfigError(f"rank {rank} is larger than layer {name!r} allows ({ops.m}x{ops.n}): "

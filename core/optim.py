@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from geopeft.kernels import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
 
-from .errors import ConfigError, GeopeftError
+from .errors import ConfigError, GeopeftError, ShapeError
 from .geometry import FactorGroup, factor_groups
 from .interfaces import Adapter, RankChange, factor_names_of
 from .model import AdaptState, adapters, find_state
@@ -43,9 +43,11 @@ Points = Tensor | tuple[Tensor, ...]
 """Stacked factors of one group: (G, n, p), or a tuple of such for a coupled manifold."""
 
 def optimizer(model: nn.Module, optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
-              *, params: Iterable[Any] | None = None, **kwargs: Any) -> GeometricOptimizer:
+              *, params: Iterable[Any] | None = None, max_nonfinite_steps: int | None = 100,
+              **kwargs: Any) -> GeometricOptimizer:
     """Wrap a torch optimizer class (built here over the model's trainable parameters,
-    or over `params`) or an already-built instance, for the adapted `model`."""
+    or over `params`) or an already-built instance, for the adapted `model`.
+    `max_nonfinite_steps` consecutive steps skipped for NaN/Inf gradients raise (None: never)."""
     state = find_state(model)
     if state is None:
         raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) "
@@ -62,15 +64,20 @@ def optimizer(model: nn.Module, optimizer: type[torch.optim.Optimizer] | torch.o
     else:
         raise ConfigError("geopeft.optimizer takes a torch.optim.Optimizer subclass (e.g. "
                           f"torch.optim.AdamW) or instance, got {optimizer!r}")
-    return GeometricOptimizer(inner, adapters(model), state)
+    return GeometricOptimizer(inner, adapters(model), state, max_nonfinite_steps=max_nonfinite_steps)
 
 
 class GeometricOptimizer(WrappedOptimizer):
     """A torch optimizer that runs the geopeft step (module docstring) around `self.optimizer`."""
 
     def __init__(self, inner: torch.optim.Optimizer, named_adapters: list[tuple[str, Adapter]],
-                 adapt_state: AdaptState):
+                 adapt_state: AdaptState, *, max_nonfinite_steps: int | None = 100):
+        if max_nonfinite_steps is not None and (isinstance(max_nonfinite_steps, bool) or not isinstance(
+                max_nonfinite_steps, int) or max_nonfinite_steps < 1):
+            raise ConfigError(f"max_nonfinite_steps must be a positive int or None, got "
+                              f"{max_nonfinite_steps!r}")
         super().__init__(inner)
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.named_adapters = list(named_adapters)
         resolved = adapt_state.resolved
         self.recipe = resolved.recipe
@@ -78,8 +85,10 @@ class GeometricOptimizer(WrappedOptimizer):
         self.rank_controller = resolved.rank_controller
         self.step_count = 0
         self.skipped_steps = 0
+        self.consecutive_skips = 0  # skipped steps since the last step taken
         self._warned_nonfinite = False
         self._check_factors_are_optimized()
+        self._check_eps_representable()
         self._no_weight_decay_on_manifolds()
         for transform in self.transforms:
             transform.check_optimizer(inner, [a for _, a in self.named_adapters])
@@ -112,6 +121,11 @@ class GeometricOptimizer(WrappedOptimizer):
             key = (type(a), tuple(tuple(p.shape) for p in a.factors().values()))
             by_shape[key].append((name, a))
         self._transform_groups = list(by_shape.values())
+        # factors whose transform takes its own step, by param group: stage 3 applies them
+        own = {id(p) for _, a in self.named_adapters for p in a.factors().values()} \
+            if any(t.takes_own_step for t in self.transforms) else set()
+        self._own_step = [(g, [p for p in g["params"] if id(p) in own]) for g in self.param_groups]
+        self._own_step = [(g, ps) for g, ps in self._own_step if ps]
 
     def _check_factors_are_optimized(self) -> None:
         owned = {id(p) for g in self.param_groups for p in g["params"]}
@@ -122,6 +136,23 @@ class GeometricOptimizer(WrappedOptimizer):
                         f"factor {fname!r} of the adapter on {name!r} is trainable but in none of the "
                         "optimizer's param groups; build the optimizer over the model's trainable "
                         "parameters (geopeft.optimizer(model, torch.optim.AdamW, ...))")
+
+    def _check_eps_representable(self) -> None:
+        """Adam-type optimizers step a float16 parameter in float16: an `eps` that rounds to
+        0 there (AdamW's 1e-8) makes 0/0 = NaN wherever a gradient is 0."""
+        factors = {id(p): (name, f) for name, a in self.named_adapters for f, p in a.factors().items()}
+        for group in self.param_groups:
+            eps = group.get("eps")
+            if not isinstance(eps, float) or eps <= 0 or torch.tensor(eps, dtype=torch.float16).item():
+                continue
+            for p in group["params"]:
+                if p.dtype == torch.float16 and id(p) in factors:
+                    name, f = factors[id(p)]
+                    raise ConfigError(
+                        f"factor {f!r} of the adapter on {name!r} is float16, and the optimizer's "
+                        f"eps={eps} is 0 in float16: its first step would divide 0 by 0 and make the "
+                        "factor NaN. Keep factors float32 (the default on float16 models: drop "
+                        "dtype=torch.float16) or pass eps >= 1e-7")
 
     def _no_weight_decay_on_manifolds(self) -> None:
         """Factors on non-Euclidean manifolds get weight_decay 0 whatever the groups say:
@@ -162,17 +193,33 @@ class GeometricOptimizer(WrappedOptimizer):
         olds = [(g, g.stacked()) for g in self._retract_groups
                 if any(p.grad is not None for ps in g.params for p in ps)]
         self._riemannian_grad(olds)
+        projecting = self._projecting()
+        before = [(g, g.stacked()) for g in projecting]  # to put back if stages 4-5 fail
         self._base_step()
-        moved = self._retract(olds) + self._project()
-        self._transport(moved)
+        try:  # stages 4 and 5 compute every value first; only then is anything written
+            writes = Writes()
+            moved = self._retract(olds, writes) + self._project(projecting, writes)
+            self._transport(moved, writes)
+        except Exception as exc:
+            self._put_back(olds + before, exc)
+            raise
+        writes.apply()
         self._update_ranks()
         return loss
 
     def _skip_if_nonfinite(self) -> bool:
         """Stage 0: True (and the step counted as skipped) when a gradient holds NaN or Inf."""
         if self._grads_finite():
+            self.consecutive_skips = 0
             return False
         self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.max_nonfinite_steps is not None and self.consecutive_skips >= self.max_nonfinite_steps:
+            raise GeopeftError(
+                f"{self.consecutive_skips} consecutive steps had non-finite gradients (NaN or Inf) and "
+                f"were skipped ({self.skipped_steps} in all): training has diverged or its loss "
+                "overflows. Lower the learning rate, check the data and the loss (use a GradScaler "
+                "for float16), or pass geopeft.optimizer(..., max_nonfinite_steps=None) to skip forever")
         if not self._warned_nonfinite:
             warnings.warn("geopeft: non-finite gradients (NaN or Inf); the step was skipped and "
                           "nothing changed. Further skips are counted in optimizer.skipped_steps.",
@@ -200,6 +247,7 @@ class GeometricOptimizer(WrappedOptimizer):
         """Stage 1: each transform, in recipe order, on same-shape adapters at once."""
         if not self.transforms:
             return
+        pending: list[tuple[Tensor, Tensor]] = []
         for members in self._transform_groups:
             live = [(n, a) for n, a in members if all(p.grad is not None for p in a.factors().values())]
             if not live:
@@ -210,16 +258,21 @@ class GeometricOptimizer(WrappedOptimizer):
             for i, transform in enumerate(self.transforms):
                 states = [self.transform_states[n][i] for n, _ in live]
                 grads = transform.transform_group([a for _, a in live], grads, states)
-            for (_, a), new in zip(live, grads):
+            for (name, a), new in zip(live, grads):
                 for f, p in a.factors().items():
                     if new[f] is not p.grad:
-                        assign_(p.grad, new[f])
+                        _check_shape(new[f], p.grad, f"gradient transforms ({', '.join(self.recipe.transforms)})",
+                                     f"the gradient of factor {f!r} on {name!r}")
+                        pending.append((p.grad, new[f]))
+        for grad, new in pending:  # every transform ran before any gradient changes
+            assign_(grad, new)
 
     def _riemannian_grad(self, olds: list[tuple[FactorGroup, Points]]) -> None:
         """Stage 2: gradients ← egrad_to_rgrad at the stacked old points, per retract group
         (members whose gradients are all present; for a coupled manifold, tuples)."""
         if not self.recipe.riemannian_grad:
             return
+        writes = Writes()
         for group, old in olds:
             grads = [[ps[j].grad for ps in group.params] for j in range(len(group.names))]
             live = [i for i in range(len(group.params)) if all(g[i] is not None for g in grads)]
@@ -227,36 +280,67 @@ class GeometricOptimizer(WrappedOptimizer):
                 continue
             x = old if len(live) == len(group.params) else _select(old, live)
             g = _pack(group, [stack_fp32([gs[i] for i in live]) for gs in grads])
-            for gs, stack in zip(grads, _unpack(group.manifold.egrad_to_rgrad(x, g))):
-                write_stacked([gs[i] for i in live], stack)
+            writes.add(group, "egrad_to_rgrad", [[gs[i] for i in live] for gs in grads],
+                       group.manifold.egrad_to_rgrad(x, g))
+        writes.apply()
 
     def _base_step(self) -> None:
-        """Stage 3: the inner optimizer's own step."""
-        self.optimizer.step()
+        """Stage 3: the inner optimizer's own step — without the factors of a transform that
+        takes its own step (`takes_own_step`), which get p ← p − lr·g with their group's lr."""
+        if not self._own_step:
+            self.optimizer.step()
+        else:
+            held = [(p, p.grad) for _, ps in self._own_step for p in ps]
+            for p, _ in held:
+                p.grad = None  # torch optimizers leave a parameter without gradient alone
+            try:
+                self.optimizer.step()
+            finally:
+                for p, g in held:
+                    p.grad = g
+            for group, ps in self._own_step:
+                live = [p for p in ps if p.grad is not None]
+                if live:
+                    torch._foreach_add_(live, [p.grad for p in live], alpha=-float(group["lr"]))
         self.step_count += 1
 
-    def _retract(self, olds: list[tuple[FactorGroup, Points]]) -> list[tuple[FactorGroup, Points, Points]]:
+    def _retract(self, olds: list[tuple[FactorGroup, Points]],
+                 writes: Writes) -> list[tuple[FactorGroup, Points, Points]]:
         """Stage 4a: each retract group from its old points along the step just taken."""
         moved = []
         for group, old in olds:
             new = group.manifold.retract_step(old, group.stacked())
-            group.write(new)
+            writes.add(group, "retract_step", group.targets(), new)
             moved.append((group, old, new))
         return moved
 
-    def _project(self) -> list[tuple[FactorGroup, Points, Points]]:
-        """Stage 4b: every `project_every`-th step, project groups onto their manifolds."""
-        if not self._project_groups or self.step_count % self.recipe.project_every:
+    def _projecting(self) -> list[FactorGroup]:
+        """The project groups that stage 4b projects after this step (every `project_every`-th)."""
+        if not self._project_groups or (self.step_count + 1) % self.recipe.project_every:
             return []
+        return self._project_groups
+
+    def _project(self, groups: list[FactorGroup], writes: Writes) -> list[tuple[FactorGroup, Points, Points]]:
+        """Stage 4b: project `groups` onto their manifolds."""
         moved = []
-        for group in self._project_groups:
+        for group in groups:
             old = group.stacked()
             new = group.manifold.project(old)
-            group.write(new)
+            writes.add(group, "project", group.targets(), new)
             moved.append((group, old, new))
         return moved
 
-    def _transport(self, moved: list[tuple[FactorGroup, Points, Points]]) -> None:
+    def _put_back(self, points: list[tuple[FactorGroup, Points]], exc: Exception) -> None:
+        """After a failure in stages 4-5: the constrained factors back to their points before
+        this step (on their manifolds), so the failed step leaves none half-moved."""
+        for group, old in points:
+            group.write(old)
+        if hasattr(exc, "add_note"):
+            exc.add_note("geopeft: the geometric stage of this step failed; factors on non-Euclidean "
+                         "manifolds were put back to their values before the step (the base "
+                         "optimizer's own update of the other parameters and its state stand)")
+
+    def _transport(self, moved: list[tuple[FactorGroup, Points, Points]], writes: Writes) -> None:
         """Stage 5 (`moments="transport"`): first moments follow their factors,
         manifold.transport(old, new, moments) batched per group, tuples if coupled."""
         if self.recipe.moments != "transport":
@@ -273,8 +357,7 @@ class GeometricOptimizer(WrappedOptimizer):
                 some = len(idx) < len(group.params)
                 out = group.manifold.transport(_select(old, idx) if some else old,
                                                _select(new, idx) if some else new, stacks)
-                for ms, stack in zip(moments, _unpack(out)):
-                    write_stacked(ms, stack)
+                writes.add(group, "transport", moments, out)
 
     def _update_ranks(self) -> None:
         """Stage 6: the rank controller (not called when it is `static`)."""
@@ -346,6 +429,7 @@ class GeometricOptimizer(WrappedOptimizer):
         sd["geopeft"] = {
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "ranks": self.ranks(),
             "transforms": {n: [{k: v.clone() for k, v in s.items()} for s in states]
                            for n, states in self.transform_states.items()},
@@ -369,10 +453,38 @@ class GeometricOptimizer(WrappedOptimizer):
         if extra is not None:
             self.step_count = int(extra["step"])
             self.skipped_steps = int(extra["skipped_steps"])
+            self.consecutive_skips = int(extra.get("consecutive_skips", 0))
             for name, states in extra["transforms"].items():
                 self.transform_states[name] = [{k: v.clone() for k, v in s.items()} for s in states]
             self.rank_controller.load_state_dict(extra["rank_controller"])
         self._plan()
+
+
+class Writes:
+    """Values a stage computed, checked and held until `apply` writes them all: a stage
+    that fails part-way has written nothing."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[list[Tensor], Tensor]] = []
+
+    def add(self, group: FactorGroup, op: str, targets: Sequence[Sequence[Tensor]], values: Points) -> None:
+        """`values` (what `group.manifold.<op>` returned: one stack per factor name) for the
+        tensors `targets` (one list per factor name); ShapeError if a stack does not fit."""
+        stacks = _unpack(values)
+        group.check(stacks, op, members=len(targets[0]))
+        self._pending += [(list(ts), stack) for ts, stack in zip(targets, stacks)]
+
+    def apply(self) -> None:
+        for targets, stack in self._pending:
+            write_stacked(targets, stack)
+        self._pending.clear()
+
+
+def _check_shape(value: Tensor, like: Tensor, source: str, what: str) -> None:
+    if not isinstance(value, Tensor) or value.shape != like.shape:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ShapeError(f"{source} returned {got} for {what}, which is {tuple(like.shape)}; a "
+                         "transform must return gradients of their factors' shapes")
 
 
 def _pack(group: FactorGroup, stacks: list[Tensor]) -> Points:

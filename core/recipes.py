@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
 from .errors import ConfigError, IncompatibleComponentsError, did_you_mean
 from .interfaces import (
     Adapter,
@@ -73,7 +75,7 @@ class Resolved:
             if name is None:
                 unregistered.append((kind, cls))
             options = self.adapter_options if kind == "adapter" else obj.options()
-            return {"name": name, "options": options}
+            return {"name": name, "options": options_to_json(options, f"{KINDS[kind].label} {name!r}")}
 
         out: dict[str, Any] = {"method": self.recipe.name}
         instances = self.components()
@@ -180,8 +182,16 @@ def check_compatible(resolved: Resolved) -> None:
     adapter = recipe.adapter
     have = set(resolved.adapter_cls.factor_names)
     have_text = ", ".join(resolved.adapter_cls.factor_names)
+    owner: dict[str, FactorKey] = {}
     for key, manifold in resolved.manifolds.items():
         names = factor_names_of(key)
+        for n in names:
+            if n in owner:  # e.g. manifold={"B": "oblique", "B,A": "balanced"}
+                raise IncompatibleComponentsError(
+                    f"factor {n!r} is given two manifolds, {recipe.manifolds.get(owner[n], owner[n])!r} "
+                    f"on {owner[n]!r} and {recipe.manifolds.get(key, key)!r} on {key!r}: each factor "
+                    f"lives on one manifold; drop one of the two entries")
+            owner[n] = key
         missing = [n for n in names if n not in have]
         if missing:
             raise IncompatibleComponentsError(
@@ -196,6 +206,15 @@ def check_compatible(resolved: Resolved) -> None:
             raise IncompatibleComponentsError(
                 f"manifold {recipe.manifolds[key]!r} {kind}, but adapter {adapter!r} "
                 f"assigns it to {key!r}")
+    family: dict[str, str] = {}
+    for n, t in zip(recipe.transforms, resolved.transforms):
+        if t.exclusive and t.exclusive in family:
+            raise IncompatibleComponentsError(
+                f"gradient transforms {family[t.exclusive]!r} and {n!r} are both "
+                f"{t.exclusive!r} transforms, a family that must not be chained (see "
+                f"GradientTransform.exclusive); keep one of them")
+        if t.exclusive:
+            family[t.exclusive] = n
     parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
     parts.append(("initializer", recipe.initializer, resolved.initializer))
     parts.append(("rank controller", recipe.rank_controller, resolved.rank_controller))
@@ -346,6 +365,53 @@ def _as_list(value: Any) -> list[Any]:
     return list(value)
 
 
+#: how geopeft.json holds a torch.dtype option: {"torch.dtype": "float32"}
+_DTYPE_TAG = "torch.dtype"
+
+
+def options_to_json(options: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """`options` as JSON values: a torch.dtype becomes {"torch.dtype": "float32"}, tuples
+    lists; anything else JSON cannot hold (a tensor, a function, NaN) is a ConfigError
+    naming `owner` and the option."""
+    return {key: _json_value(value, f"option {key!r} of {owner}") for key, value in options.items()}
+
+
+def options_from_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `options_to_json`."""
+    return {key: _from_json_value(value) for key, value in options.items()}
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if isinstance(value, torch.dtype):
+        return {_DTYPE_TAG: str(value).removeprefix("torch.")}
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} is {value}, which geopeft.json cannot hold; use a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v, where) for k, v in value.items()}
+    raise ConfigError(f"{where} is a {type(value).__name__}, which geopeft.json cannot hold: pass "
+                      "a string, number, bool, list, dict or torch.dtype, or register a component "
+                      "whose options are such values")
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_DTYPE_TAG}:
+            dtype = getattr(torch, str(value[_DTYPE_TAG]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ConfigError(f"unknown torch dtype {value[_DTYPE_TAG]!r}")
+            return dtype
+        return {k: _from_json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json_value(v) for v in value]
+    return value
+
+
 def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Resolved:
     """Rebuild a Resolved from `Resolved.to_json()`, each part with its own saved options.
     Components are looked up by name in the registry only (nothing named in the file is
@@ -361,7 +427,7 @@ def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Res
         sig = (part["name"], json.dumps(options, sort_keys=True, default=str))
         if kind == "manifold" and sig in shared:
             return shared[sig]
-        obj = _instantiate((part["name"], cls), options)
+        obj = _instantiate((part["name"], cls), options_from_json(options))
         if kind == "manifold":
             shared[sig] = obj
         return obj
@@ -383,7 +449,7 @@ def from_json(saved: Mapping[str, Any], registry: Registry | None = None) -> Res
     recipe = Recipe(name=saved["method"], **names, **settings)
     _check_recipe_values(recipe)
     resolved = Resolved(
-        recipe=recipe, adapter_cls=built["adapter"], adapter_options=dict(saved["adapter"]["options"]),
+        recipe=recipe, adapter_cls=built["adapter"], adapter_options=options_from_json(saved["adapter"].get("options", {})),
         manifolds=built["manifolds"], transforms=built["transforms"],
         rank_controller=built["rank_controller"], initializer=built["initializer"],
     )

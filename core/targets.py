@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .interfaces import TargetPreset
 from .layers import layer_ops, why_unsupported
 
@@ -50,6 +50,9 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] | None,
         if preset is None:
             raise TargetError(_no_preset(model))
         targets = preset.select()
+    _check_patterns(targets, "targets")
+    if exclude is not None:
+        _check_patterns(exclude, "exclude")
     named = [(n, m) for n, m in _walk(model, skip or set())]
     bypassed = _bypassed_layers(model)
     matches = [(n, m) for n, m in named if n and _matches(n, m, targets)]
@@ -71,6 +74,20 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] | None,
         log.info("geopeft: no targets given; preset %r (%s) adapts %d modules: %s", preset.name,
                  preset.description or targets, len(supported), ", ".join(n for n, _ in supported))
     return supported
+
+
+def _check_patterns(value: str | Sequence[str], label: str) -> None:
+    """A string `value` that is no preset must be a valid regular expression; a list, strings."""
+    if isinstance(value, str):
+        if value not in PRESETS:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"{label}={value!r} is not a valid regular expression ({exc}); "
+                                  "fix the pattern, or pass a list of module names") from exc
+    elif not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{label} must be a string (regular expression or preset) or a list of "
+                          f"module names, got {value!r}")
 
 
 def preset_for(model: nn.Module) -> TargetPreset | None:

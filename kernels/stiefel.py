@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dispatch import triton_module, use_triton
+
 POLAR_METHODS = ("gram", "svd", "newton_schulz")
 
 
@@ -89,25 +91,63 @@ def polar_retract(x: Tensor, u: Tensor, method: str = "gram") -> Tensor:
     return polar(x + u, method)
 
 
+def stiefel_step_grams(x: Tensor, new: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The three p×p products of a Stiefel step, (xᵀx, xᵀΔ, ΔᵀΔ) with Δ = scale·(new − x),
+    for stacks x, new (G, n, p); float64 (float32 on MPS) (G, p, p). The n×p products run
+    in float32 (x's dtype when wider). On CUDA the Triton kernel reads x and new once
+    (`geopeft.kernels.triton.stiefel.step_grams`)."""
+    if use_triton("stiefel_step_grams", x, new, supported=_triton_stiefel_ok(x, new)):
+        return triton_module("stiefel").step_grams(x, new, scale)
+    wide = _wide(x)
+    x, new = _at_least_fp32(x), _at_least_fp32(new)
+    delta = new - x
+    if scale != 1.0:
+        delta = delta * scale
+    return (x.mT @ x).to(wide), (x.mT @ delta).to(wide), (delta.mT @ delta).to(wide)
+
+
+def two_products(x: Tensor, ma: Tensor, y: Tensor, mb: Tensor) -> Tensor:
+    """x·ma + y·mb for stacks x, y (G, n, p) and ma, mb (G, p, p), in x's dtype (float32
+    math at least). On CUDA the Triton kernel reads each n×p tile once and writes once."""
+    if use_triton("two_products", x, y, supported=_triton_stiefel_ok(x, y)):
+        return triton_module("stiefel").two_products(x, ma, y, mb)
+    work = _at_least_fp32(x).dtype
+    return torch.baddbmm(x.to(work) @ ma.to(work), y.to(work), mb.to(work)).to(x.dtype)
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+#: the widest p the Triton Stiefel kernels hold in registers (three p×p float32 accumulators)
+TRITON_MAX_P = 64
+
+
+def _triton_stiefel_ok(x: Tensor, y: Tensor) -> bool:
+    """Whether the Triton Stiefel kernels take stacks x, y: 3-d, same shape and dtype,
+    p ≤ TRITON_MAX_P, float32 / bfloat16 / float16 (float64 stays on torch)."""
+    return (x.dim() == 3 and x.shape == y.shape and x.dtype == y.dtype and x.shape[-1] <= TRITON_MAX_P
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
 def polar_retract_step(x: Tensor, new: Tensor, scale: float = 1.0, method: str = "gram") -> Tensor:
     """StelLA's whole post-step geometry in one pass: with Δ = scale·(new − x), the polar
     retraction of x + Δ − x·sym(xᵀΔ) (the step projected to the tangent space at x).
 
     Fused: y = x·T + Δ with T = I − sym(xᵀΔ), so yᵀy = Tᵀ(xᵀx)T + Tᵀ(xᵀΔ) + (Δᵀx)T + ΔᵀΔ
-    comes from three p×p reductions, and the result y·(yᵀy)^{-1/2} = x·(TZ) + Δ·Z from two
-    products — y is never formed, the n×p data is read four times instead of eight.
-    xᵀx enters as computed (not assumed I), so the result is orthonormal to rounding even
-    when x has drifted. `method`: "gram" (eigh) or "newton_schulz" for Z = (yᵀy)^{-1/2}.
+    comes from three p×p reductions (`stiefel_step_grams`, one pass over x and new), and
+    the result y·(yᵀy)^{-1/2} = x·(TZ) + Δ·Z = x·(TZ − scale·Z) + new·(scale·Z) from two
+    products written once (`two_products`) — y is never formed. The p×p work runs in
+    float64. xᵀx enters as computed (not assumed I), so the result is orthonormal to
+    rounding even when x has drifted. `method`: "gram" (eigh) or "newton_schulz" for
+    Z = (yᵀy)^{-1/2}; any other polar method retracts the projected step unfused.
     """
     if method not in ("gram", "newton_schulz"):
         return polar(x + tangent_project(x, scale * (new - x)), method)
     shape = x.shape
     x3, new3 = x.reshape(-1, *shape[-2:]), new.reshape(-1, *shape[-2:])
-    delta = new3 - x3
-    if scale != 1.0:
-        delta = delta * scale
-    wide = _wide(x)
-    xtx, xtd, dtd = ((x3.mT @ x3).to(wide), (x3.mT @ delta).to(wide), (delta.mT @ delta).to(wide))
+    xtx, xtd, dtd = stiefel_step_grams(x3, new3, scale)
+    wide = xtx.dtype
     t = torch.eye(shape[-1], dtype=wide, device=x.device) - 0.5 * (xtd + xtd.mT)
     gram = t.mT @ xtx @ t + t.mT @ xtd + xtd.mT @ t + dtd
     if method == "gram":
@@ -115,8 +155,7 @@ def polar_retract_step(x: Tensor, new: Tensor, scale: float = 1.0, method: str =
         z = (q * w.clamp_min(torch.finfo(wide).tiny).rsqrt().unsqueeze(-2)) @ q.mT
     else:
         z = inv_sqrt_newton_schulz(gram)
-    out = torch.baddbmm(x3 @ (t @ z).to(x.dtype), delta, z.to(x.dtype))
-    return out.reshape(shape)
+    return two_products(x3, t @ z - scale * z, new3, scale * z).reshape(shape)
 
 
 def qr_retract(x: Tensor, u: Tensor) -> Tensor:

@@ -139,7 +139,7 @@ def test_state_restored_after_calibration_and_after_a_raising_loss():
         return mse(m, batch)
 
     stats = geopeft.calibrate(model, geopeft.adapters(model), _batches(), spying_loss)
-    assert all(not training and all(flags) for training, flags in seen)  # eval, weights differentiable
+    assert all(not training and not any(flags) for training, flags in seen)  # eval, weights stay frozen
     assert stats["up"].grad.abs().sum() > 0
 
     calls = []
@@ -203,3 +203,30 @@ def test_bad_calibration_input_is_a_clear_error(batches, loss_fn, match):
     with pytest.raises(ConfigError, match=match):
         geopeft.calibrate(model, geopeft.adapters(model), batches, loss_fn)
     assert not any(a.base_layer.weight.requires_grad for _, a in geopeft.adapters(model))
+
+
+def test_rows_the_loss_does_not_see_are_left_out():
+    """Padding-like rows (δ = 0) change neither ∇W nor the curvature: A and T skip them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    geopeft.adapt(model, "lora", targets=["0"], rank=1)
+    x, y = torch.randn(2, 5, 4), torch.randn(2, 3, 3)
+    stats = geopeft.calibrate(model, geopeft.adapters(model), [(x, y)],
+                              lambda m, b: F.mse_loss(m(b[0])[:, :3], b[1]))["0"]
+    seen = x[:, :3].reshape(-1, 4)
+    assert torch.allclose(stats.input_moment, seen.T @ seen / 6, atol=1e-6)
+
+
+def test_conv2d_rows_are_unfolded_patches_matching_the_gradient():
+    """For Conv2d the rows are im2col patches: Σ_t δ_t x_tᵀ over them is ∇W (m, c·kh·kw),
+    and A is their second moment."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2))
+    geopeft.adapt(model, "lora", targets=["0"], rank=1)
+    x = torch.randn(2, 2, 5, 5)
+    out_ref = model[0].base_layer(x)
+    stats = geopeft.calibrate(model, geopeft.adapters(model), [x], lambda m, b: m(b).square().mean())["0"]
+    cols = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18)  # (N·L, n)
+    delta = (2 * out_ref / out_ref.numel()).movedim(1, -1).reshape(-1, 3)      # (N·L, m)
+    assert torch.allclose(stats.grad, delta.T @ cols, atol=1e-6)
+    assert torch.allclose(stats.input_moment, cols.T @ cols / cols.shape[0], atol=1e-5)

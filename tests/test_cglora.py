@@ -76,7 +76,7 @@ def test_cg_is_the_best_rank_r_newton_step_in_the_curvature_norm(weighted):
     newton = -torch.linalg.solve(hess, grad.reshape(-1)).reshape(M_OUT, N_IN)
 
     geopeft.adapt(model, "cglora", targets=["0"], rank=RANK, init_batches=batches, loss_fn=loss_fn,
-                  damping=0.0)
+                  damping=0.0, scale=1.0)
     delta = _delta(model)
     kfac = geopeft.calibrate(model, geopeft.adapters(model), batches, loss_fn)["0"]
     kron = torch.kron(kfac.output_moment, kfac.input_moment).double()  # row-major vec(W)
@@ -97,6 +97,44 @@ def test_cg_is_the_best_rank_r_newton_step_in_the_curvature_norm(weighted):
     pu, pv = uu[:, :RANK] @ uu[:, :RANK].T, vvh[:RANK].T @ vvh[:RANK]
     tangent = pu @ egrad + egrad @ pv - pu @ egrad @ pv
     assert tangent.norm() <= 1e-4 * egrad.norm().clamp_min(grad.norm())
+
+
+def test_auto_scale_finds_the_full_newton_step_where_the_model_is_exact():
+    """The loss is exactly quadratic here and ΔW₀ (damping 0) its rank-r minimiser, so the
+    loss along γ·ΔW₀ is smallest at γ = 1: the scale search must land there."""
+    from geopeft.model import find_state
+
+    model, batches, loss_fn, _ = weighted_mse_problem(True)
+    geopeft.adapt(model, "cglora", targets=["0"], rank=RANK, init_batches=batches, loss_fn=loss_fn,
+                  damping=0.0)
+    assert find_state(model).resolved.initializer.chosen_scale == 1.0
+
+
+def test_auto_scale_keeps_a_deep_model_from_overshooting():
+    """On a small network with cross-entropy the layers' independent Newton steps overshoot
+    together; the searched γ is never worse than the base model or the full step."""
+    from geopeft.model import find_state
+    from geopeft.plugins.cglora.initializers import mean_loss
+
+    from helpers import TinyNet
+
+    torch.manual_seed(0)
+    base = TinyNet()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 50, (8, 7), generator=g), torch.randint(0, 3, (8,), generator=g))
+               for _ in range(4)]
+
+    def ce(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    losses = {}
+    for scale in ("auto", 1.0):
+        model = geopeft.adapt(copy.deepcopy(base), "cglora", targets=["query", "value", "ffn.0", "ffn.2"],
+                              rank=2, init_batches=batches, loss_fn=ce, scale=scale)
+        losses[scale] = mean_loss(model, batches[:2], ce)
+        chosen = find_state(model).resolved.initializer.chosen_scale
+        assert chosen == scale or scale == "auto"
+    assert losses["auto"] <= min(losses[1.0], mean_loss(base, batches[:2], ce)) + 1e-6
 
 
 def _best_one_step_decrease(model, batches, loss_fn, total_loss) -> float:

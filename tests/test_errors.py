@@ -192,7 +192,7 @@ def _snapshot(model: nn.Module, opt) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
              for k, v in sd["state"].items()}
-    extra = {k: v for k, v in sd["geopeft"].items() if k != "skipped_steps"}
+    extra = {k: v for k, v in sd["geopeft"].items() if k not in ("skipped_steps", "consecutive_skips")}
     return params, {"state": state, "geopeft": extra}
 
 
@@ -288,7 +288,8 @@ def test_nan_check_handles_mixed_gradient_dtypes(tiny):
             return self.net.classifier(self.net.query(x.bfloat16()).float())
 
     model = Mixed(tiny)
-    geopeft.adapt(model, "lora", targets=["query"], rank=2, trainable=["classifier"])
+    geopeft.adapt(model, "lora", targets=["query"], rank=2, trainable=["classifier"],
+                  dtype=torch.bfloat16)
     opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1)
     assert {p.dtype for g in opt.param_groups for p in g["params"]} == {torch.bfloat16, torch.float32}
     model(torch.randn(4, 16)).sum().backward()
@@ -305,7 +306,7 @@ def test_nan_check_handles_mixed_gradient_dtypes(tiny):
 
 def test_large_finite_fp16_gradients_are_not_skipped():
     model = nn.Sequential(nn.Linear(64, 64).half())
-    geopeft.adapt(model, "lora", targets=["0"], rank=2)
+    geopeft.adapt(model, "lora", targets=["0"], rank=2, dtype=torch.float16)
     opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.0)
     a = model[0].adapter
     a.A.grad = torch.full_like(a.A, 20000.0)  # finite, but its L2 norm overflows fp16
@@ -336,3 +337,114 @@ def test_data_initializer_without_batches_is_refused_before_any_change(tiny, plu
                                                    "data: pass init_batches="):
         geopeft.adapt(tiny, "lora", targets=["query"], rank=2, initializer="from_data")
     assert not geopeft.adapters(tiny)
+
+
+# --------------------------------------------------------------------------- strict inputs
+@pytest.mark.parametrize("alpha", [0, -2.0, float("nan"), float("inf"), True, "16"])
+def test_alpha_must_be_positive_and_finite(tiny, alpha):
+    before = module_types(tiny)
+    with pytest.raises(geopeft.ConfigError, match="alpha must be a positive finite number"):
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=2, alpha=alpha)
+    assert module_types(tiny) == before
+
+
+@pytest.mark.parametrize("method", ["lora", "stella"])
+def test_alpha_as_a_recipe_option_is_checked_by_the_adapter(tiny, method):
+    with pytest.raises(geopeft.ConfigError, match="alpha must be a positive finite number"):
+        geopeft.adapt(tiny, method, targets=["query"], rank=2, **{"alpha": float("nan")})
+
+
+@pytest.mark.parametrize("rank", [True, 2.0, "8", None])
+def test_non_int_ranks_are_refused_with_a_message(tiny, rank):
+    with pytest.raises(geopeft.ConfigError, match="rank must be a positive int"):
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=rank)
+    with pytest.raises(geopeft.ConfigError, match="rank of layer 'query' must be a positive int"):
+        geopeft.adapt(tiny, "lora", targets=["query"], rank=2, ranks={"query": rank})
+    assert geopeft.adapters(tiny) == []
+
+
+@pytest.mark.parametrize("field", ["targets", "exclude"])
+def test_an_invalid_regex_is_a_config_error_naming_the_pattern(tiny, field):
+    kw = {"targets": "query|value"} | {field: "ffn.(0"}
+    with pytest.raises(geopeft.ConfigError) as info:
+        geopeft.adapt(tiny, "lora", rank=2, **kw)
+    assert f"{field}='ffn.(0' is not a valid regular expression" in str(info.value)
+
+
+@pytest.mark.parametrize("method, manifold, key, shape, need", [
+    ("lora", {"A": "stiefel"}, "A", "2x16", "stiefel needs at least as many rows as columns"),
+    (geopeft.Recipe("usv-balanced", adapter="usv", initializer="orthonormal"), {"U,V": "balanced"},
+     "U,V", "16x2 and 16x2", "balanced pairs a B (m, r) with an A (r, n)"),
+])
+def test_a_manifold_that_does_not_fit_the_factor_is_refused_at_adapt(tiny, method, manifold, key, shape,
+                                                                     need):
+    before = module_types(tiny)
+    with pytest.raises(geopeft.ConfigError) as info:
+        geopeft.adapt(tiny, method, targets=["query"], rank=2, manifold=manifold)
+    msg = str(info.value)
+    assert f"does not fit factor {key!r} of the adapter on 'query'" in msg
+    assert f"the factor is {shape}" in msg and need in msg
+    assert module_types(tiny) == before
+
+
+class _WrongShape(geopeft.Manifold):
+    """Unit-norm columns whose `project` or `retract` returns a broadcastable wrong shape."""
+
+    name = "wrong_shape"
+
+    def __init__(self, broken: str = "project"):
+        self.broken = broken
+
+    def _unit(self, x):
+        return x / x.norm(dim=-2, keepdim=True)
+
+    def project_tangent(self, x, u):
+        return u - x * (x * u).sum(-2, keepdim=True)
+
+    def egrad_to_rgrad(self, x, g):
+        g = self.project_tangent(x, g)
+        return g[..., :1, :] if self.broken == "egrad_to_rgrad" else g
+
+    def transport(self, x, y, v):
+        v = self.project_tangent(y, v)
+        return v.sum(0) if self.broken == "transport" else v
+
+    def retract(self, x, u):
+        y = self._unit(x + u)
+        return y[:1] if self.broken == "retract" else y  # (1, n, p): would broadcast over G
+
+    def project(self, x):
+        return self._unit(x)[..., :1] if self.broken == "project" else self._unit(x)
+
+    def violation(self, x):
+        return (x.norm(dim=-2) - 1).abs().amax(-1)
+
+    def random_point(self, shape, generator=None, dtype=torch.float32):
+        return self._unit(torch.randn(*shape, generator=generator, dtype=dtype))
+
+    def options(self):
+        return {"broken": self.broken}
+
+
+def test_a_manifold_returning_a_wrong_shape_is_a_shape_error(tiny):
+    with pytest.raises(geopeft.ShapeError, match=r"project returned \[\(2, 2, 1\)\] .* \[\(2, 2, 16\)\]"):
+        geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=2, manifold={"A": _WrongShape()})
+    assert geopeft.adapters(tiny) == []
+    torch.manual_seed(0)
+    model = geopeft.adapt(type(tiny)(), "lora", targets=["query", "value"], rank=2,
+                          manifold={"A": _WrongShape("retract")})
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1)
+    model(IDS).sum().backward()
+    with pytest.raises(geopeft.ShapeError, match=r"retract_step returned \[\(1, 2, 16\)\]"):
+        opt.step()
+    for broken, got in [("egrad_to_rgrad", r"\(2, 1, 16\)"), ("transport", r"\(2, 16\)")]:
+        torch.manual_seed(0)
+        model = geopeft.adapt(type(tiny)(), "lora", targets=["query", "value"], rank=2,
+                              manifold={"A": _WrongShape(broken)}, moments="transport")
+        opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+        before = [a.A.detach().clone() for _, a in geopeft.adapters(model)]
+        model(IDS).sum().backward()
+        with pytest.raises(geopeft.ShapeError, match=rf"{broken} returned \[{got}\]"):
+            opt.step()
+        # nothing of the step's geometry was written: the factors are where they were
+        assert all(torch.equal(b, a.A) for b, (_, a) in zip(before, geopeft.adapters(model)))

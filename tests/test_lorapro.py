@@ -321,18 +321,11 @@ def test_full_mode_step_equals_the_papers_full_step():
         assert float((ad.A.detach().double() - A).norm()) > 1e-3  # the step did move
 
 
-def test_full_mode_state_round_trips_and_needs_plain_sgd():
+def test_full_mode_state_round_trips():
     model = geopeft.adapt(_net(), "lorapro", targets="all-linear", rank=3, alpha=6, mode="full",
                           weight_decay=0.01)
     _nonzero_b(model)
-    for bad in ({"cls": torch.optim.AdamW, "lr": 1e-3}, {"cls": torch.optim.SGD, "lr": 1e-2, "momentum": 0.9},
-                {"cls": torch.optim.SGD, "lr": 1e-2, "weight_decay": 0.1}):
-        kw = dict(bad)
-        cls = kw.pop("cls")
-        with pytest.raises(ConfigError, match="mode='full'.*plain SGD"):
-            geopeft.optimizer(model, cls, **kw)
     opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.02)
-
     train(model, opt, _data_loss, 2, 0)
     name = geopeft.adapters(model)[0][0]
     st = opt.transform_states[name][0]
@@ -345,6 +338,40 @@ def test_full_mode_state_round_trips_and_needs_plain_sgd():
     train(twin, twin_opt, _data_loss, 2, 2)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_full_mode_gives_a_trainable_head_the_users_adamw_and_the_factors_their_own_step():
+    """Full mode under AdamW: the head's update is exactly AdamW's on its gradients, the
+    factors' is exactly the one plain SGD would apply (p − lr·ĝ), and AdamW keeps no state
+    for the factors."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4))
+    model = geopeft.adapt(net, "lorapro", targets=["0"], rank=3, mode="full", trainable=["2"])
+    _nonzero_b(model)
+    sgd_twin = copy.deepcopy(model)
+    kw = {"lr": 1e-2, "weight_decay": 0.05}
+    opt = geopeft.optimizer(model, torch.optim.AdamW, **kw)
+    head_ref = copy.deepcopy(model[2])
+    head_opt = torch.optim.AdamW(head_ref.parameters(), **kw)
+    sgd_opt = geopeft.optimizer(sgd_twin, torch.optim.SGD, lr=kw["lr"])
+    x, y = torch.randn(16, 10), torch.randn(16, 4)
+    for step in range(3):
+        for m in (model, sgd_twin):
+            nn.functional.mse_loss(m(x), y).backward()
+        for p, q in zip(head_ref.parameters(), model[2].parameters()):
+            p.grad = q.grad.clone()
+        opt.step()
+        head_opt.step()
+        if step == 0:  # same state before the step: the factors move alike under SGD and AdamW
+            sgd_opt.step()
+            for f in ("A", "B"):
+                assert torch.equal(getattr(model[0].adapter, f), getattr(sgd_twin[0].adapter, f))
+        for o in (opt, sgd_opt):
+            o.zero_grad()
+    for p, q in zip(head_ref.parameters(), model[2].parameters()):
+        assert torch.equal(p, q)
+    assert not opt.state.get(model[0].adapter.A) and not opt.state.get(model[0].adapter.B)
+    assert opt.transform_states["0"][0]["step"].item() == 3
 
 
 def test_options_recipes_and_save_load(tmp_path):

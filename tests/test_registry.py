@@ -1,5 +1,6 @@
 """The registry: entry-point discovery, hand registration, broken plugins, and the
-messages a user gets for unknown, invalid or incompatible components (DESIGN §3)."""
+messages a user gets for unknown, invalid or incompatible components (docs/architecture.md,
+"Components and plugins")."""
 
 from __future__ import annotations
 
@@ -612,7 +613,7 @@ def test_registered_recipe_survives_a_registry_reload(fresh_registry, tiny):
 def test_core_components_need_no_plugin_but_the_method_s(fresh_registry, monkeypatch, tiny):
     monkeypatch.setenv("GEOPEFT_PLUGINS", "stella")  # no `lora` plugin: euclidean, fixed are core's
     assert set(get_registry().plugins) == {"core", "stella"}
-    geopeft.adapt(tiny, "stella", targets=["query"], rank=2, hidden_size=16)
+    geopeft.adapt(tiny, "stella", targets=["query"], rank=2)
     opt = geopeft.optimizer(tiny, torch.optim.AdamW, lr=1e-2)
     tiny(torch.randint(0, 50, (4, 5))).pow(2).mean().backward()
     opt.step()

@@ -45,8 +45,9 @@ def test_save_load_gives_identical_outputs(tmp_path_factory, rank, dtype, target
     assert torch.equal(loaded(ids), model(ids))
     assert [(n, a.rank) for n, a in geopeft.adapters(loaded)] == [
         (n, a.rank) for n, a in geopeft.adapters(model)]
+    factor_dtype = torch.float32 if dtype == torch.bfloat16 else dtype  # fp32 factors on a half base
     for (_, a), (_, b) in zip(geopeft.adapters(model), geopeft.adapters(loaded)):
-        assert a.scaling == b.scaling and a.A.dtype == b.A.dtype == dtype
+        assert a.scaling == b.scaling and a.A.dtype == b.A.dtype == factor_dtype
     # trainability is restored: the loaded model continues training like the saved one
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad}
@@ -80,6 +81,319 @@ def test_save_of_merged_model_saves_factors_and_load_is_unmerged(tiny, tmp_path)
     loaded = geopeft.load(fresh, tmp_path)
     assert not loaded.query.merged
     assert torch.allclose(loaded(ids), expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- atomic files
+def _trained(seed: int, **adapt_kw) -> tuple[TinyNet, TinyNet]:
+    """(adapted model with factors drawn from `seed`, a fresh copy of its base); the base
+    is the same for every seed."""
+    torch.manual_seed(0)
+    base = TinyNet()
+    fresh = copy.deepcopy(base)
+    geopeft.adapt(base, "lora", targets=["query", "value"], rank=2, trainable=["classifier"], **adapt_kw)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, a in geopeft.adapters(base):
+            a.A.normal_()
+            a.B.normal_()
+    return base.eval(), fresh
+
+
+def _out(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS)
+
+
+def _siblings(path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+def test_a_save_that_fails_between_its_files_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    """The old code wrote the weights, then the config: a failure in between left new weights
+    beside the old config, which loaded silently as neither model."""
+    from geopeft import atomic
+
+    old, fresh = _trained(0)
+    new, _ = _trained(1)
+    out = tmp_path / "ckpt"
+    geopeft.save(old, out)
+    real = atomic._write_file
+    written = []
+
+    def fail_second(path, data):
+        if written:
+            raise OSError("disk full")
+        written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(atomic, "_write_file", fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        geopeft.save(new, out)
+    monkeypatch.undo()
+    assert torch.equal(_out(geopeft.load(fresh, out)), _out(old))
+    assert _siblings(out) == []  # the partial directory is gone
+
+
+_CRASH = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from geopeft import atomic
+import geopeft
+from helpers import TinyNet
+torch.manual_seed(1)
+model = geopeft.adapt(TinyNet(), "lora", targets=["query", "value"], rank=2, trainable=["classifier"])
+real = atomic._write_file
+def crash_after_first(path, data):
+    real(path, data)
+    os._exit(3)  # killed mid-save: no cleanup runs
+atomic._write_file = crash_after_first
+geopeft.save(model, {out!r})
+"""
+
+
+def test_a_killed_save_keeps_the_old_checkpoint_and_the_next_save_cleans_up(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    old, fresh = _trained(0)
+    out = tmp_path / "ckpt"
+    geopeft.save(old, out)
+    script = _CRASH.format(tests=str(Path(__file__).parent), out=str(out))
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 3
+    leftovers = _siblings(out)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt.geopeft-new-")
+    assert torch.equal(_out(geopeft.load(copy.deepcopy(fresh), out)), _out(old))
+    new, _ = _trained(1)
+    geopeft.save(new, out)
+    assert _siblings(out) == []
+    assert torch.equal(_out(geopeft.load(fresh, out)), _out(new))
+
+
+def test_a_reader_never_pairs_old_and_new_files(tmp_path, monkeypatch):
+    """A save that replaces the directory between the reader's two file reads: the reader
+    gets one whole checkpoint (here: the new one), never the old config with new weights."""
+    from geopeft import atomic
+
+    old, fresh = _trained(0)
+    new, _ = _trained(1)
+    new.value.adapter.resize(3)  # a different layout too, so a mix could not even load
+    out = tmp_path / "ckpt"
+    geopeft.save(old, out)
+    real = atomic._read_or_none
+    saved = []
+
+    def save_between_reads(name, dir_fd=None):
+        data = real(name, dir_fd)
+        if not saved:
+            saved.append(True)
+            geopeft.save(new, out)
+        return data
+
+    monkeypatch.setattr(atomic, "_read_or_none", save_between_reads)
+    loaded = geopeft.load(fresh, out)
+    assert saved and torch.equal(_out(loaded), _out(new))
+    assert loaded.value.adapter.rank == 3
+
+
+def test_saved_files_get_normal_permissions_and_other_files_stay(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    model, _ = _trained(0)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    geopeft.save(model, out)
+    geopeft.save(model, out)  # replacing a checkpoint keeps the user's files too
+    for name in ("adapter.safetensors", "geopeft.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
+    assert (out / "metrics.json").read_text() == "{}"
+    export = geopeft.export_peft(model, tmp_path / "peft")
+    assert stat.S_IMODE((export / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_saving_into_a_file_is_refused_and_writes_nothing(tmp_path):
+    model, _ = _trained(0)
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"precious")
+    with pytest.raises(geopeft.CheckpointError, match="is a file, not a directory"):
+        geopeft.save(model, target)
+    assert target.read_bytes() == b"precious" and _siblings(target) == []
+
+
+@pytest.mark.parametrize("base_dtype, dtype", [(torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.float64)])
+def test_a_dtype_option_saves_and_loads(tmp_path, base_dtype, dtype):
+    """adapt(..., dtype=torch.float32) used to fail in json.dumps, after the weights were written."""
+    torch.manual_seed(0)
+    base = TinyNet().to(base_dtype)
+    fresh = copy.deepcopy(base)
+    geopeft.adapt(base, "lora", targets=["query"], rank=2, dtype=dtype)
+    with torch.no_grad():
+        base.query.adapter.B.normal_()
+    geopeft.save(base, tmp_path / "ckpt")
+    options = json.loads((tmp_path / "ckpt" / "geopeft.json").read_text())["recipe"]["adapter"]["options"]
+    assert options["dtype"] == {"torch.dtype": str(dtype).removeprefix("torch.")}
+    loaded = geopeft.load(fresh, tmp_path / "ckpt")
+    assert loaded.query.adapter.A.dtype == dtype
+    assert loaded.geopeft_state.resolved.adapter_options["dtype"] is dtype
+    assert torch.equal(_out(loaded), _out(base))
+
+
+def test_an_option_json_cannot_hold_is_refused_before_writing(tmp_path):
+    from geopeft.recipes import options_to_json
+
+    with pytest.raises(geopeft.ConfigError, match=r"option 'scale' of adapter 'x' is a Tensor"):
+        options_to_json({"scale": torch.ones(2)}, "adapter 'x'")
+    with pytest.raises(geopeft.ConfigError, match="option 'tol' of .* nan"):
+        options_to_json({"tol": float("nan")}, "manifold 'y'")
+    model, _ = _trained(0)
+    model.geopeft_state.resolved.adapter_options["hook"] = print  # e.g. set by hand
+    with pytest.raises(geopeft.ConfigError, match="option 'hook' of adapter 'lora'"):
+        geopeft.save(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- hostile files
+def _edit(cfg: dict, path: str, value) -> None:
+    """cfg at dotted `path` ← value (value `...`: delete it)."""
+    *parents, last = path.split(".")
+    for key in parents:
+        cfg = cfg[int(key)] if isinstance(cfg, list) else cfg[key]
+    if value is ...:
+        del cfg[last]
+    else:
+        cfg[last] = value
+
+
+HOSTILE = [
+    ("rank", "8"), ("rank", True), ("rank", 0), ("alpha", -1.0), ("alpha", "16"),
+    ("versions", "torch 2"), ("trainable", "classifier"), ("trainable", [3]), ("format_version", True),
+    ("format_version", 0), ("layers", []), ("layers", {}), ("layers.query", 5), ("layers.query.rank", 2.5),
+    ("layers.query.rank", ...), ("layers.query.kind", "lstm"), ("layers.query.shape", [16]),
+    ("layers.query.shape", ["16", 16]), ("layers.query.dtype", "int8"), ("layers.query.dtype", None),
+    ("layers.query.weight_shape", [16, 17]), ("layers.query.weight_shape", [16, 16, 1, 1]),
+    ("recipe", "lora"), ("recipe.method", ...), ("recipe.adapter", "lora"), ("recipe.adapter.name", 5),
+    ("recipe.adapter.options", []), ("recipe.manifolds", ["A"]), ("recipe.manifolds.A", "euclidean"),
+    ("recipe.manifolds.A.name", ""), ("recipe.transforms", {}), ("recipe.transforms", [7]),
+    ("recipe.rank_controller", None), ("recipe.initializer.name", ["lora"]),
+    ("recipe.riemannian_grad", "yes"), ("recipe.project_every", 0), ("recipe.moments", "bogus"),
+]
+
+
+@pytest.mark.parametrize("path, value", HOSTILE, ids=[f"{p}={v!r}" for p, v in HOSTILE])
+def test_every_malformed_field_is_a_checkpoint_error_naming_file_and_field(tmp_path, path, value):
+    model, fresh = _trained(0)
+    geopeft.save(model, tmp_path)
+    cfg = json.loads((tmp_path / "geopeft.json").read_text())
+    _edit(cfg, path, value)
+    (tmp_path / "geopeft.json").write_text(json.dumps(cfg))
+    with pytest.raises(geopeft.CheckpointError) as info:
+        geopeft.load(fresh, tmp_path)
+    msg = str(info.value)
+    assert "geopeft.json" in msg and f"'{path}" in msg and "expected" in msg, msg
+    assert geopeft.adapters(fresh) == []
+
+
+@pytest.mark.parametrize("path, value, fragment", [
+    ("recipe.adapter.options.alpha", -3.0, "alpha must be a positive finite number"),
+    ("recipe.adapter.options.dropout", 2.0, "dropout must be in [0, 1)"),
+    ("recipe.adapter.options.bogus", 1, "bogus"),
+    ("recipe.adapter.options.dtype", {"torch.dtype": "qint8"}, "qint8"),
+    ("recipe.manifolds.A.options", {"retraction": "polar"}, "retraction"),
+    ("layers.query.rank", 99, "rank 99 is larger than layer 'query' allows"),
+])
+def test_component_options_from_a_file_are_checked_too(tmp_path, path, value, fragment):
+    model, fresh = _trained(0)
+    geopeft.save(model, tmp_path)
+    cfg = json.loads((tmp_path / "geopeft.json").read_text())
+    _edit(cfg, path, value)
+    (tmp_path / "geopeft.json").write_text(json.dumps(cfg))
+    with pytest.raises(geopeft.CheckpointError) as info:
+        geopeft.load(fresh, tmp_path)
+    assert "geopeft.json" in str(info.value) and fragment in str(info.value)
+
+
+@pytest.mark.parametrize("text", ['{"format": "geopeft-adapter", "alpha": NaN}', "[" * 100_000])
+def test_json_constants_and_deep_nesting_are_refused(tmp_path, text):
+    model, fresh = _trained(0)
+    geopeft.save(model, tmp_path)
+    (tmp_path / "geopeft.json").write_text(text)
+    with pytest.raises(geopeft.CheckpointError, match="is not valid JSON"):
+        geopeft.load(fresh, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["adapters.query.B", "trainable.classifier.weight"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_saved_tensors_are_refused(tmp_path, key, bad):
+    model, fresh = _trained(0)
+    geopeft.save(model, tmp_path)
+    tensors = load_file(str(tmp_path / "adapter.safetensors"))
+    tensors[key][0, 1] = bad
+    save_file(tensors, str(tmp_path / "adapter.safetensors"))
+    with pytest.raises(geopeft.CheckpointError) as info:
+        geopeft.load(fresh, tmp_path)
+    assert f"{key!r} holds 1 NaN or Inf" in str(info.value)
+    assert geopeft.adapters(fresh) == []
+
+
+def test_a_saved_shape_the_model_lacks_names_saved_and_model_shapes_rightly(tmp_path):
+    model, fresh = _trained(0)
+    geopeft.save(model, tmp_path)
+    tensors = load_file(str(tmp_path / "adapter.safetensors"))
+    tensors["adapters.query.A"] = torch.zeros(3, 16)
+    tensors["trainable.classifier.weight"] = torch.zeros(4, 16)
+    save_file(tensors, str(tmp_path / "adapter.safetensors"))
+    with pytest.raises(geopeft.CheckpointError) as info:
+        geopeft.load(copy.deepcopy(fresh), tmp_path)
+    assert ("the saved tensor 'adapters.query.A' is torch.float32 (3, 16), but factor A of the "
+            "adapter on layer 'query' (linear 16x16, rank 2 in geopeft.json) is torch.float32 (2, 16)"
+            ) in str(info.value)
+    tensors["adapters.query.A"] = torch.zeros(2, 16)
+    save_file(tensors, str(tmp_path / "adapter.safetensors"))
+    with pytest.raises(geopeft.CheckpointError) as info:
+        geopeft.load(fresh, tmp_path)
+    assert ("the saved tensor 'trainable.classifier.weight' is torch.float32 (4, 16), but the "
+            "model's parameter 'classifier.weight' is torch.float32 (3, 16)") in str(info.value)
+
+
+def test_a_conv_kernel_of_another_shape_with_the_same_matrix_view_is_refused(tmp_path):
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))  # matrix view 8 x 36
+    geopeft.adapt(conv, "lora", targets=["0"], rank=2)
+    geopeft.save(conv, tmp_path)
+    other = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 6))  # 8 x 36 too
+    with pytest.raises(geopeft.CheckpointError) as info:
+        geopeft.load(other, tmp_path)
+    assert "(8, 4, 3, 3) but this model's is (8, 1, 6, 6)" in str(info.value)
+
+
+# --------------------------------------------------------------------------- meta device
+def test_models_on_the_meta_device(tmp_path):
+    """Factors live where the base weight does (meta too); adapt and load refuse a meta base
+    with a message (their factors would hold no values); export without a base model,
+    which rebuilds on meta stand-ins, still gets the saved values."""
+    from geopeft.layers import stub_layer
+    from geopeft.plugins.lora.adapter import LoRAAdapter
+
+    adapter = LoRAAdapter(stub_layer("linear", [16, 8]), rank=2)
+    assert adapter.A.is_meta and adapter.B.is_meta
+    meta = TinyNet().to("meta")
+    with pytest.raises(geopeft.ConfigError, match="on the meta device .* materialise the model first"):
+        geopeft.adapt(meta, "lora", targets=["query"], rank=2)
+    assert geopeft.adapters(meta) == [] and all(p.requires_grad for p in meta.parameters())
+    model, _ = _trained(0)
+    geopeft.save(model, tmp_path / "ckpt")
+    with pytest.raises(geopeft.CheckpointError, match="layer 'query' of the model is on the meta device"):
+        geopeft.load(meta, tmp_path / "ckpt")
+    assert geopeft.adapters(meta) == []
+    from geopeft.export import export_saved
+
+    export_saved(tmp_path / "ckpt", tmp_path / "peft")
+    exported = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert torch.equal(exported["base_model.model.query.lora_B.weight"], model.query.adapter.B)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -57,10 +57,8 @@ def test_shifted_base_is_exact_through_save_load_merge_disable_and_export(method
     out = model(ids).detach()
     assert (out - base_out).abs().max() > 1e-4  # the step moved the model
 
-    trained_head = copy.deepcopy(base)  # the original base with the trained classifier
-    trained_head.classifier.load_state_dict(model.classifier.state_dict())
-    with geopeft.disable_adapters(model):
-        torch.testing.assert_close(model(ids), trained_head(ids), rtol=0, atol=1e-5)
+    with geopeft.disable_adapters(model):  # the original base, its untrained classifier too
+        torch.testing.assert_close(model(ids), base_out, rtol=0, atol=1e-5)
 
     geopeft.save(model, tmp_path / "a")
     loaded = geopeft.load(copy.deepcopy(base), tmp_path / "a")

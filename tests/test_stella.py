@@ -126,8 +126,9 @@ def test_same_shape_factors_share_one_batched_group(tiny):
 
 def paper_step(model: nn.Module, grads: dict[str, torch.Tensor], inner: torch.optim.Optimizer,
                hidden: int) -> None:
-    """StelLA's steps 1–3 (METHODS.md § StelLA), written out by hand, for U and V of
-    every adapter; S is a plain Euclidean parameter."""
+    """StelLA's steps 1–3 (docs/methods/stella.md, "Math": Riemannian gradient, the base
+    optimizer's step, the step scaled by √(d/n), projected and retracted), written out by
+    hand, for U and V of every adapter; S is a plain Euclidean parameter."""
     stiefel = {n: p for n, p in model.named_parameters() if n.endswith((".U", ".V"))}
     old = {n: p.detach().clone() for n, p in stiefel.items()}
     for n, p in model.named_parameters():
@@ -324,7 +325,10 @@ def test_minilm_adamw_steps_keep_u_and_v_orthonormal(minilm, minilm_batch, dtype
     torch.manual_seed(0)
     model = copy.deepcopy(minilm[1]).to(dtype)
     model.encoder.layer = model.encoder.layer[:2]
-    geopeft.adapt(model, "stella", targets=["query", "value", "intermediate.dense"], rank=8, alpha=16)
+    # factors in the model's dtype: bf16 factors are the hard case (the default on a bf16
+    # model is float32 factors, bounded like the float32 row)
+    geopeft.adapt(model, "stella", targets=["query", "value", "intermediate.dense"], rank=8, alpha=16,
+                  dtype=dtype)
     stiefel = model.geopeft_state.resolved.manifolds["U"]
     assert stiefel.hidden_size == 384  # from the model's config
     head = torch.randn(384, 2, generator=torch.Generator().manual_seed(0)).to(dtype)

@@ -34,9 +34,9 @@ def trainer(model, data, out):
 
     from geopeft.integrations.transformers import GeoTrainer
 
-    args = TrainingArguments(output_dir=str(out), max_steps=30, per_device_train_batch_size=1,
-                             gradient_accumulation_steps=2, learning_rate=5e-3, weight_decay=0.01,
-                             save_steps=20, logging_steps=1, seed=0, report_to=[], use_cpu=True,
+    args = TrainingArguments(output_dir=str(out), max_steps=30, per_device_train_batch_size=2,
+                             learning_rate=5e-3, weight_decay=0.01,
+                             save_steps=25, logging_steps=1, seed=0, report_to=[], use_cpu=True,
                              disable_tqdm=True, dataloader_num_workers=0)
     return GeoTrainer(model=model, args=args, train_dataset=data)
 
@@ -51,7 +51,13 @@ def test_geotrainer_trains_saves_and_resumes_bitwise(minilm_path, classification
     run.train()
     opt = run.optimizer.optimizer  # accelerate's wrapper around the GeometricOptimizer
     assert isinstance(opt, geopeft.GeometricOptimizer)
-    assert opt.step_count == 30  # once per optimizer step, not per micro-batch (60)
+    assert opt.step_count == 30
+    # built from TrainingArguments: AdamW, HF's no-decay groups, no decay on the Stiefel factors
+    assert isinstance(opt.optimizer, torch.optim.AdamW)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    adapter = model.bert.encoder.layer[0].attention.self.query.adapter
+    assert decay[id(model.classifier.weight)] == 0.01 and decay[id(model.classifier.bias)] == 0.0
+    assert decay[id(adapter.U)] == decay[id(adapter.V)] == 0.0 and decay[id(adapter.S)] == 0.01
     assert max_violation([a for _, a in geopeft.adapters(model)]) <= 1e-5
     losses = [h["loss"] for h in run.state.log_history if "loss" in h]
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
@@ -69,8 +75,46 @@ def test_geotrainer_trains_saves_and_resumes_bitwise(minilm_path, classification
 
     resumed_model = adapted_classifier(minilm_path)  # its own fresh factors and head
     resumed = trainer(resumed_model, classification, tmp_path / "resumed")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-20"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-25"))
     assert resumed.optimizer.optimizer.step_count == 30
     final, again = trained(model), trained(resumed_model)
     assert final.keys() == again.keys()
     assert all(torch.equal(final[n], again[n]) for n in final)
+
+
+def test_resume_restores_changed_ranks(tmp_path):
+    """GeoLoRA changes ranks while training; a resumed run first resizes the fresh adapters to
+    the checkpoint's ranks, then continues bitwise. Under gradient accumulation the geometry
+    and the rank controller run once per optimizer step."""
+    import json
+
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    from geopeft.integrations.transformers import GeoTrainer
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
+
+    def make():
+        torch.manual_seed(0)
+        return geopeft.adapt(BertForSequenceClassification(config), "geolora", rank=4,
+                             trainable=["classifier"], period=2, tau=0.3, r_max=8)
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 64, (12,), generator=g), "labels": torch.tensor(i % 2)}
+            for i in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, save_steps=4,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    model = make()
+    run = GeoTrainer(model=model, args=args, train_dataset=data)
+    run.train()
+    assert run.optimizer.optimizer.step_count == 8  # not 16, the micro-batches
+    saved = json.loads((tmp_path / "checkpoint-4" / "geopeft.json").read_text())["layers"]
+    assert {info["rank"] for info in saved.values()} != {4}  # the checkpoint's ranks moved
+    again = make()
+    GeoTrainer(model=again, args=args, train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert {n: a.rank for n, a in geopeft.adapters(again)} == {n: a.rank for n, a in geopeft.adapters(model)}
+    final, resumed = trained(model), trained(again)
+    assert final.keys() == resumed.keys() and all(torch.equal(final[n], resumed[n]) for n in final)

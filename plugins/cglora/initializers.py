@@ -10,6 +10,8 @@ unchanged at step 0.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -56,48 +58,93 @@ def _check_batches(num_batches: int) -> int:
     return num_batches
 
 
-class CurvatureGuidedInit(Initializer):
-    """CG-LoRA (Zheng & Proutière, arXiv 2603.29824): ΔW₀ = −scale·G^{-1/2}[G^{-1/2}∇W A^{-1/2}]_r A^{-1/2},
-    the best rank-r approximation, in the K-FAC curvature norm, of the damped Newton step
-    (derivation: docs/methods/cglora.md).
+#: the scales `scale="auto"` tries, smallest first: 10^{-3}, 10^{-2.5}, …, 1
+SCALE_GRID = tuple(10 ** (-k / 2) for k in range(6, -1, -1))
 
-    Options: `damping` λ (relative: λ·tr(M)/k is added to each K-FAC factor M (k, k)),
-    `scale` (1 = the full Newton step), `shift` (subtract ΔW₀ from W: the model starts at
-    its base function), `num_batches` (calibration batches used), `dense_limit` (larger
-    sides keep a diagonal second moment), `progress` (a tqdm bar when slow)."""
+
+@torch.no_grad()
+def mean_loss(model, batches: Sequence, loss_fn) -> float:
+    """The mean of `loss_fn(model, batch)` over `batches` in eval mode (modes restored)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        total = sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return total if math.isfinite(total) else math.inf
+
+
+class CurvatureGuidedInit(Initializer):
+    """CG-LoRA (Zheng & Proutière, arXiv 2603.29824): ΔW₀ = −γ·G^{-1/2}[G^{-1/2}∇W A^{-1/2}]_r A^{-1/2},
+    γ times the best rank-r approximation, in the K-FAC curvature norm, of the damped Newton
+    step (derivation: docs/methods/cglora.md).
+
+    Options: `damping` λ (relative: λ·tr(M)/k is added to each K-FAC factor M (k, k));
+    `scale` γ: a number (1 = the full Newton step), or "auto" (default): the γ of
+    `SCALE_GRID` with the lowest loss on the first `search_batches` calibration batches,
+    scanned from the smallest up and stopped once the loss rises (the layers' Newton steps
+    are computed independently and overshoot together); `shift` (subtract ΔW₀ from W: the
+    model starts at its base function); `num_batches` (calibration batches used);
+    `dense_limit` (larger sides keep a diagonal second moment); `progress` (a tqdm bar)."""
 
     name = "cg"
     needs_data = True
 
-    def __init__(self, damping: float = 0.1, scale: float = 1.0, shift: bool = False,
-                 num_batches: int = DEFAULT_BATCHES, dense_limit: int = DEFAULT_DENSE_LIMIT,
-                 progress: bool = True):
+    def __init__(self, damping: float = 0.1, scale: float | str = "auto", shift: bool = False,
+                 num_batches: int = DEFAULT_BATCHES, search_batches: int = 2,
+                 dense_limit: int = DEFAULT_DENSE_LIMIT, progress: bool = True):
         if not float(damping) >= 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
-        if not float(scale) > 0:
-            raise ValueError(f"scale must be > 0, got {scale!r}")
+        if scale != "auto" and not (isinstance(scale, (int, float)) and float(scale) > 0):
+            raise ValueError(f"scale must be 'auto' or a number > 0, got {scale!r}")
         self.damping = float(damping)
-        self.scale = float(scale)
+        self.scale = scale if scale == "auto" else float(scale)
         self.shift = bool(shift)
         self.num_batches = _check_batches(num_batches)
+        self.search_batches = _check_batches(search_batches)
         self.dense_limit = int(dense_limit)
         self.progress = bool(progress)
+        #: the γ the last `initialize` used (the search's choice when scale="auto")
+        self.chosen_scale: float | None = None
 
     def initialize(self, adapters: Sequence[tuple[str, Adapter]], model=None, batches=None, loss_fn=None):
-        stats = calibrate(model, adapters, batches, loss_fn, num_batches=self.num_batches,
+        taken = list(itertools.islice(batches, self.num_batches)) if batches is not None else None
+        stats = calibrate(model, adapters, taken, loss_fn, num_batches=self.num_batches,
                           dense_limit=self.dense_limit, progress=self.progress)
+        steps = {}
         for name, adapter in adapters:
             st = stats[name]
             p, q = newton_lowrank(st.grad, st.input_moment, st.output_moment, adapter.rank, self.damping)
-            u, sigma, v = product_svd(p, q)
-            set_from_svd(name, adapter, u, self.scale * sigma, v)
-            if self.shift:
+            steps[name] = product_svd(p, q)
+
+        def write(gamma: float) -> None:
+            for name, adapter in adapters:
+                u, sigma, v = steps[name]
+                set_from_svd(name, adapter, u, gamma * sigma, v)
+
+        if self.scale == "auto":
+            search = taken[:self.search_batches]
+            best, best_loss = SCALE_GRID[0], math.inf
+            for gamma in SCALE_GRID:
+                write(gamma)
+                loss = mean_loss(model, search, loss_fn)
+                if loss < best_loss:
+                    best, best_loss = gamma, loss
+                elif loss > best_loss:
+                    break  # past the minimum along the ray
+            self.chosen_scale = best
+        else:
+            self.chosen_scale = self.scale
+        write(self.chosen_scale)
+        if self.shift:
+            for _, adapter in adapters:
                 shift_base(adapter)
 
     def options(self):
         return {"damping": self.damping, "scale": self.scale, "shift": self.shift,
-                "num_batches": self.num_batches, "dense_limit": self.dense_limit,
-                "progress": self.progress}
+                "num_batches": self.num_batches, "search_batches": self.search_batches,
+                "dense_limit": self.dense_limit, "progress": self.progress}
 
 
 class LoRAGAInit(Initializer):

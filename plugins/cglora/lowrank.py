@@ -1,6 +1,6 @@
 """The low-rank linear algebra of the data-aware initializers (fp32, one layer at a time).
 
-    damped_inv_sqrt(M, λ)       (M + λ·tr(M)/k·I)^{-1/2} of a PSD (k, k) matrix, or of a diagonal (k,)
+    damped_factor(M, λ)         L with L·Lᵀ = M + λ·tr(M)/k·I (Cholesky; √ of a diagonal (k,))
     top_svd(M, r)               the r leading singular triplets (exact, or randomized when large)
     newton_lowrank(stats, r, λ) (P (m, r), Q (r, n)): P·Q is the best rank-r approximation, in
                                 the K-FAC curvature norm, of the damped Newton step
@@ -12,41 +12,53 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: above this min(m, n) the top-r SVD is randomized (torch.svd_lowrank, 4 power iterations)
+#: above this min(m, n) the top-r SVD is randomized (torch.svd_lowrank: r + max(r, 16)
+#: columns, 6 power iterations); exact at or below it
 EXACT_SVD_LIMIT = 2048
 
 
-def damped_inv_sqrt(moment: Tensor, damping: float) -> Tensor:
-    """(M + λ̄ I)^{-1/2} with λ̄ = damping · tr(M)/k (damping relative to M's mean
-    eigenvalue, so it does not depend on how the loss is normalised). M (k, k)
-    symmetric PSD → (k, k); M (k,) a diagonal → (k,). M = 0 gives the identity."""
+def damped_factor(moment: Tensor, damping: float) -> Tensor:
+    """L with L·Lᵀ = M + λ̄I, λ̄ = damping·tr(M)/k (damping relative to M's mean eigenvalue,
+    so it does not depend on how the loss is normalised): M (k, k) symmetric PSD → its
+    lower Cholesky factor (k, k); M (k,) a diagonal → √(M + λ̄) (k,). M = 0 gives I.
+    A matrix that is not numerically positive definite (damping 0) gets a jitter of
+    1e-6·tr(M)/k."""
     m = moment.float()
     mean = (m if m.dim() == 1 else torch.diagonal(m)).mean().clamp_min(0)
     lam = damping * mean if mean > 0 else torch.ones_like(mean)
     if m.dim() == 1:
-        return (m.clamp_min(0) + lam).clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
-    evals, evecs = torch.linalg.eigh(m)
-    inv = (evals.clamp_min(0) + lam).clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
-    return (evecs * inv) @ evecs.mT
+        return (m.clamp_min(0) + lam).clamp_min(torch.finfo(m.dtype).tiny).sqrt()
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    factor, info = torch.linalg.cholesky_ex(m + lam * eye)
+    if info != 0:
+        factor = torch.linalg.cholesky(m + (lam + 1e-6 * mean.clamp_min(1e-30)) * eye)
+    return factor
 
 
-def _left(w: Tensor, x: Tensor) -> Tensor:
-    """w·x for w a (m, m) matrix or a (m,) diagonal."""
-    return w[:, None] * x if w.dim() == 1 else w @ x
-
-
-def _right(x: Tensor, w: Tensor) -> Tensor:
-    """x·w for w a (n, n) matrix or a (n,) diagonal."""
-    return x * w if w.dim() == 1 else x @ w
+def _solve_left(factor: Tensor, x: Tensor, transpose: bool) -> Tensor:
+    """L⁻¹·x (or L⁻ᵀ·x) for a lower-triangular (k, k) L, or a (k,) diagonal."""
+    if factor.dim() == 1:
+        return x / factor[:, None]
+    return torch.linalg.solve_triangular(factor.mT if transpose else factor, x, upper=transpose)
 
 
 def top_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(U (m, r), σ (r,), V (n, r)) of the r largest singular values of m, descending."""
+    """(U (m, r), σ (r,), V (n, r)) of the r largest singular values of m, descending.
+
+    Up to min(m, n) = EXACT_SVD_LIMIT: exact, from the eigendecomposition of the smaller
+    Gram matrix (k × k, k = min(m, n): cheaper than a full SVD when r ≪ k; the top
+    singular pairs keep full accuracy); above it randomized. A zero singular value gets
+    a zero column on the long side."""
     if min(m.shape) > EXACT_SVD_LIMIT:
-        u, s, v = torch.svd_lowrank(m, q=min(rank + 10, min(m.shape)), niter=4)
+        u, s, v = torch.svd_lowrank(m, q=min(rank + max(rank, 16), min(m.shape)), niter=6)
         return u[:, :rank], s[:rank], v[:, :rank]
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank].mT
+    wide = m.shape[0] <= m.shape[1]
+    x = m if wide else m.mT                      # (k, l), k ≤ l
+    evals, evecs = torch.linalg.eigh(x @ x.mT)   # ascending
+    short = evecs[:, -rank:].flip(-1)
+    s = evals[-rank:].flip(-1).clamp_min(0).sqrt()
+    long = (x.mT @ short) / torch.where(s > 0, s, torch.ones_like(s))
+    return (short, s, long) if wide else (long, s, short)
 
 
 def newton_lowrank(grad: Tensor, input_moment: Tensor, output_moment: Tensor, rank: int,
@@ -54,14 +66,17 @@ def newton_lowrank(grad: Tensor, input_moment: Tensor, output_moment: Tensor, ra
     """(P (m, r), Q (r, n)) with P·Q = argmin_{rank ≤ r} ‖G^{1/2}(ΔW − ΔW_N)A^{1/2}‖_F, where
     A, G are the damped moments and ΔW_N = −G⁻¹·∇W·A⁻¹ the damped K-FAC Newton step.
 
-    With Z = G^{1/2}·ΔW·A^{1/2} the norm is ‖Z + M‖_F, M = G^{-1/2}·∇W·A^{-1/2} (ranks of Z
-    and ΔW agree), so Eckart–Young gives Z = −[M]_r = −U_r Σ_r V_rᵀ and
-    ΔW = −G^{-1/2} U_r Σ_r V_rᵀ A^{-1/2}."""
-    gi = damped_inv_sqrt(output_moment, damping)
-    ai = damped_inv_sqrt(input_moment, damping)
-    whitened = _right(_left(gi, grad.float()), ai)
+    With G = L_G L_Gᵀ, A = L_A L_Aᵀ (Cholesky) the norm is ‖L_Gᵀ(ΔW − ΔW_N)L_A‖_F = ‖Z + M‖_F
+    for Z = L_Gᵀ ΔW L_A and M = L_G⁻¹ ∇W L_A⁻ᵀ (ranks of Z and ΔW agree), so Eckart–Young
+    gives Z = −[M]_r = −U_r Σ_r V_rᵀ and ΔW = −L_G⁻ᵀ U_r Σ_r V_rᵀ L_A⁻¹. M differs from the
+    symmetric whitening G^{-1/2} ∇W A^{-1/2} by orthogonal factors on each side
+    (G^{-1/2} = O·L_G⁻¹ with O orthogonal), so Σ_r and ΔW are the same; Cholesky is the
+    cheaper factorisation."""
+    lg = damped_factor(output_moment, damping)
+    la = damped_factor(input_moment, damping)
+    whitened = _solve_left(la, _solve_left(lg, grad.float(), transpose=False).mT, transpose=False).mT
     u, s, v = top_svd(whitened, rank)
-    return -_left(gi, u * s), _right(v.mT, ai)
+    return -_solve_left(lg, u * s, transpose=True), _solve_left(la, v, transpose=True).mT
 
 
 def product_svd(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -6,9 +6,10 @@
 - `full`: the paper's full mode. Per adapter it keeps Adam moments of the equivalent
   gradient g̃ = s(B ĝ_A + ĝ_B A) as m × n tensors (transform state, so they round-trip
   through `optimizer.state_dict()`), forms the Adam direction d in the full m × n space,
-  takes its factor gradients s·Bᵀd and s·d·Aᵀ and adjusts them again; the inner
-  optimizer then applies these as they are, which must be plain SGD (checked when
-  `geopeft.optimizer` wraps it).
+  takes its factor gradients s·Bᵀd and s·d·Aᵀ and adjusts them again; these are the
+  step itself (`takes_own_step`): `geopeft.optimizer` applies them to the factors as
+  p ← p − lr·g with the factors' param-group lr, and the user's optimizer (AdamW, say)
+  steps every other trainable parameter as usual.
 
 The batched math is in `geopeft.kernels.lorapro`.
 """
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from geopeft import Adapter, ConfigError, GradientTransform
+from geopeft import GradientTransform
 from geopeft.kernels import full, lorapro_adjust, lorapro_equivalent_gradient, stack_fp32
 from geopeft.kernels.lorapro import DEFAULT_DELTA, gram_eigs
 
@@ -38,6 +39,7 @@ class LoRAProTransform(GradientTransform):
 
     name = "lorapro"
     requires = frozenset({"A", "B"})
+    exclusive = "gram_preconditioner"  # (BᵀB)⁻¹, (AAᵀ)⁻¹ already: no second such transform
 
     def __init__(self, mode: str = "efficient", delta: float = DEFAULT_DELTA,
                  betas: Sequence[float] | None = None, eps: float | None = None,
@@ -71,30 +73,12 @@ class LoRAProTransform(GradientTransform):
             opts |= {"betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
         return opts
 
-    # ------------------------------------------------------------------ optimizer check
-    def check_optimizer(self, optimizer: torch.optim.Optimizer, adapters: Sequence[Adapter]) -> None:
-        if self.mode != "full":
-            return  # efficient mode: any optimizer, any groups
-        factors = {id(getattr(a, n)) for a in adapters for n in ("A", "B")}
-        for i, group in enumerate(optimizer.param_groups):
-            if not any(id(p) in factors for p in group["params"]):
-                continue
-            problems = []
-            if not isinstance(optimizer, torch.optim.SGD):
-                problems.append(f"the optimizer is {type(optimizer).__name__}")
-            else:
-                problems += [f"{k}={group.get(k)!r}" for k in ("momentum", "weight_decay")
-                             if group.get(k, 0)]
-                problems += [k for k in ("nesterov", "maximize") if group.get(k)]
-            if problems:
-                raise ConfigError(
-                    "gradient transform 'lorapro' with mode='full' takes its own Adam step in the "
-                    "full weight space and hands the factors the final gradients, so the optimizer "
-                    "must apply them as they are: use plain SGD for the adapter factors "
-                    "(geopeft.optimizer(model, torch.optim.SGD, lr=...), momentum=0, weight_decay=0) "
-                    "and set Adam's betas/eps/weight_decay as options (geopeft.adapt(..., "
-                    f"mode='full', betas=(0.9, 0.999), weight_decay=...)); param group {i}: "
-                    f"{', '.join(problems)}. Or use mode='efficient', which works with any optimizer.")
+    @property
+    def takes_own_step(self) -> bool:
+        """Full mode's gradients are its Adam step: `geopeft.optimizer` applies them to the
+        factors as p ← p − lr·g (lr of their param group) and lets the user's optimizer step
+        every other parameter (a `trainable=` head gets its AdamW, as in the official code)."""
+        return self.mode == "full"
 
     # ------------------------------------------------------------------ the transform
     def transform(self, adapter, grads, state):

@@ -44,9 +44,7 @@ class USVAdapter(Adapter):
         return u, (s[:, None] * v.mT if self.diag_s else s @ v.mT)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        b, a = self._fold()
-        if x.is_floating_point() and x.dtype != a.dtype:
-            x = x.to(a.dtype)
+        b, a = self.in_input_dtype(x, *self._fold())
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
         return self.ops.add_lowered(base_out, h, b, self.scaling)
 

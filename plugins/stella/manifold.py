@@ -75,6 +75,13 @@ class StiefelManifold(Manifold):
             return None
         return float(self.step_scaling)
 
+    def shape_problem(self, shape):
+        n, p = shape
+        if n < p:
+            return (f"stiefel needs at least as many rows as columns (p orthonormal columns in "
+                    f"R^n, n >= p), and {n} < {p}")
+        return None
+
     def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
         return tangent_project(x, u)
 

@@ -1,0 +1,244 @@
+"""The `geolora` rank controller: GeoLoRA's augmentation and truncation, batched by shape."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from geopeft import Adapter, ConfigError, RankChange, RankController
+from geopeft.kernels import augment, basis_directions, core_svd, stack_fp32, tolerance_ranks
+
+from .history import RankHistory
+
+
+def check_basis_manifolds(controller: str, layer: str, adapter: Adapter) -> None:
+    """A rank controller that keeps, drops and adds columns of U and V keeps them on their
+    manifold only if it is 'stiefel' (a subset of orthonormal columns stays orthonormal,
+    and new columns are written orthonormal) or flat: refuse any other (e.g. 'oblique',
+    whose rows lose their unit norm when a column goes)."""
+    manifolds = adapter.factor_manifolds()
+    other = [f"{f} on {m.name!r}" for f in ("U", "V") if (m := manifolds.get(f)) is not None
+             and not (m.is_euclidean or m.name == "stiefel")]
+    if other:
+        raise ConfigError(f"rank controller {controller!r} changes the columns of U and V, which keeps "
+                          f"them on 'stiefel' or 'euclidean' only, but the adapter on {layer!r} has "
+                          f"{', '.join(other)}: put U and V on 'stiefel' or leave them at the default")
+
+
+class GeoLoRAController(RankController):
+    """Ranks of ΔW = s·U S Vᵀ (the `usv` adapter, full S) adapted from the one backward
+    pass the user ran. A cycle of `period` optimizer steps:
+
+    1. first step of a cycle — **augment**: from this step's gradients, U ← [U | Ũ],
+       V ← [V | Ṽ] (QR of [U, G_U S⁻ᵀ], [V, G_V S⁻¹]; rank r → min(2r, r_max)) and
+       S ← [[S, −λ(ṼᵀG_L)ᵀ], [−λŨᵀG_K, 0]], λ the learning rate of S's param group;
+    2. the optimizer trains the augmented core (and U, V when `train_bases`);
+    3. last step of a cycle — **truncate**: S = P Σ Qᵀ; keep the smallest r′ with
+       ‖σ_{r′:}‖ < τ‖σ‖, clipped to [r_min, r_max]; U ← U P_{r′}, V ← V Q_{r′}, S ← Σ_{r′}.
+       ΔW changes by exactly s·‖σ_{r′:}‖ (the scale s never changes).
+
+    `period=1` is the paper's Algorithm 1 (augment, S-step, truncate in one step). With a
+    `budget`, truncation keeps the largest s·σ over all layers up to that total rank
+    (τ and the clip still apply; each layer keeps at least r_min). The optimizer's state
+    follows every change (`GeometricOptimizer.resize_many`): moments of kept directions
+    are rotated with the basis, new directions start at zero.
+
+    Options: `tau` (0.1), `r_min` (2), `r_max` (None: the layer's min(m, n)), `period` (10),
+    `budget` (None), `train_bases` (True: the optimizer also steps U and V as their manifold
+    says — StelLA's Riemannian steps; False, the `geolora` recipe: U and V move only by
+    augmentation and truncation, their gradients are taken before the optimizer step),
+    `damping` (1e-3: S⁻¹ damped to σ/(σ² + (damping·σ_max)²)).
+    """
+
+    name = "geolora"
+    requires = frozenset({"U", "S", "V"})
+
+    def __init__(self, tau: float = 0.1, r_min: int = 2, r_max: int | None = None, period: int = 10,
+                 budget: int | None = None, train_bases: bool = True, damping: float = 1e-3):
+        if not 0.0 <= tau < 1.0:
+            raise ValueError(f"tau must be in [0, 1), got {tau!r}")
+        for label, value in (("r_min", r_min), ("period", period)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{label} must be a positive int, got {value!r}")
+        if r_max is not None and not (isinstance(r_max, int) and r_max >= r_min):
+            raise ValueError(f"r_max must be an int >= r_min ({r_min}), got {r_max!r}")
+        if budget is not None and not (isinstance(budget, int) and budget >= 1):
+            raise ValueError(f"budget must be a positive int (a total rank), got {budget!r}")
+        if not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping!r}")
+        self.tau, self.r_min, self.r_max, self.period = float(tau), r_min, r_max, period
+        self.budget, self.train_bases, self.damping = budget, bool(train_bases), float(damping)
+        self.history = RankHistory(self.name)
+        self._captured: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    @property
+    def rank_history(self) -> list[dict[str, Any]]:
+        """[{"step": t, "ranks": {layer: rank}}] after each truncation that changed a rank."""
+        return self.history.entries
+
+    # ------------------------------------------------------------------ checks
+    def check_optimizer(self, optimizer, adapters):
+        for name, a in adapters:
+            check_basis_manifolds(self.name, name, a)
+            if a.S.dim() != 2:
+                raise ConfigError(f"rank controller 'geolora' needs a full core S (its augmented core "
+                                  f"is not diagonal), but the adapter on {name!r} has diag_s=True: "
+                                  "use diag_s=False")
+            manifolds = a.factor_manifolds()
+            flat = [f for f in ("U", "V") if f in manifolds and manifolds[f].is_euclidean]
+            if self.train_bases and flat:
+                raise ConfigError(
+                    f"rank controller 'geolora' with train_bases=True lets the optimizer step U and V, "
+                    f"but the adapter on {name!r} has {', '.join(flat)} on the euclidean manifold, which "
+                    "does not keep them orthonormal: put U and V on 'stiefel' (method='stella') or "
+                    "pass train_bases=False (method='geolora')")
+        if self.budget is not None and self.budget < self.r_min * len(adapters):
+            raise ConfigError(f"geolora budget={self.budget} is below r_min × layers = {self.r_min} × "
+                              f"{len(adapters)}: raise the budget or lower r_min")
+
+    def layer_max(self, adapter: Adapter) -> int:
+        m, n = adapter.shape
+        return min(m, n) if self.r_max is None else min(self.r_max, m, n)
+
+    # ------------------------------------------------------------------ the two hooks
+    def _phase(self, t: int) -> tuple[bool, bool]:
+        """(augment, truncate) at optimizer step t (1-based)."""
+        return (t - 1) % self.period == 0, t % self.period == 0
+
+    def before_step(self, step, adapters, optimizer):
+        self.history.start({n: a.rank for n, a in adapters})
+        augmenting, _ = self._phase(step + 1)
+        self._captured = {}
+        # the optimizer moves S, and (train_bases) rewrites U's and V's gradients in place
+        keep = (lambda t: t.detach().clone()) if self.train_bases else (lambda t: t.detach())
+        for _, a in adapters:
+            if augmenting and a.U.grad is not None and a.V.grad is not None:
+                self._captured[id(a)] = (keep(a.U.grad), keep(a.V.grad), a.S.detach().clone())
+            if not self.train_bases:
+                a.U.grad = None  # the optimizer and the geometric stages leave U, V alone
+                a.V.grad = None
+
+    @torch.no_grad()
+    def step(self, step, adapters, optimizer):
+        augmenting, truncating = self._phase(step)
+        captured, self._captured = self._captured, {}
+        if not (augmenting and captured) and not truncating:
+            return None
+        # per layer: candidate (U, S, V) and the (old rank, candidate rank) map of coordinates
+        cand: dict[str, Candidate] = {}
+        if augmenting:
+            lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+            cand = self._augment(adapters, captured, lrs)
+        maps = {name: (c.emb, c.emb) for name, c in cand.items()}
+        if truncating:
+            cand, maps = self._truncate(adapters, cand)
+        if not cand:
+            return None
+        optimizer.resize_many([
+            RankChange(name, c.u.shape[-1], basis={"U": (pu,), "S": (pu, pv), "V": (pv,)},
+                       values={"U": c.u, "S": c.s, "V": c.v})
+            for name, c in cand.items() for pu, pv in [maps[name]]])
+        if truncating:
+            self.history.record(step, {n: a.rank for n, a in adapters})
+        return {name: c.u.shape[-1] for name, c in cand.items()}
+
+    # ------------------------------------------------------------------ the batched math
+    def _augment(self, adapters, captured, lrs) -> dict[str, Candidate]:
+        """Augmented bases and cores, one QR per basis stack and one SVD of S per shape."""
+        groups: dict[tuple, list[tuple[str, Adapter]]] = defaultdict(list)
+        for name, a in adapters:
+            if id(a) in captured and self.layer_max(a) > a.rank:
+                groups[(a.shape, a.rank, a.U.dtype, a.U.device)].append((name, a))
+        out = {}
+        for (_, r, *_), members in groups.items():
+            ads = [a for _, a in members]
+            new_rank = min(2 * r, self.layer_max(ads[0]))
+            gu, gv, s_pre = (stack_fp32([captured[id(a)][i] for a in ads]) for i in range(3))
+            gk, gl = basis_directions(gu, gv, s_pre, self.damping)
+            lr = torch.tensor([float(lrs.get(id(a.S), 0.0)) for a in ads], device=gu.device)
+            u_hat, s_hat, v_hat = augment(stack_fp32([a.U for a in ads]), stack_fp32([a.S for a in ads]),
+                                          stack_fp32([a.V for a in ads]), gk, gl, lr, new_rank)
+            emb = torch.eye(r, new_rank, device=gu.device)
+            for i, (name, _) in enumerate(members):
+                out[name] = Candidate(u_hat[i], s_hat[i], v_hat[i], emb)
+        return out
+
+    def _truncate(self, adapters, cand):
+        """SVD of every (candidate) core, batched by shape; new ranks by τ, the clip and the
+        budget. Returns the truncated candidates and each one's (U-side, V-side) maps from
+        the adapter's current rank coordinates."""
+        groups: dict[tuple, list[tuple[str, Candidate]]] = defaultdict(list)
+        limits = {}
+        for name, a in adapters:
+            c = cand.get(name) or Candidate(a.U.detach().float(), a.S.detach().float(), a.V.detach().float(),
+                                            torch.eye(a.rank, device=a.U.device))
+            groups[(a.shape, c.u.shape[-1], c.u.device)].append((name, c))
+            limits[name] = (self.layer_max(a), a.scaling)
+        cuts = []
+        for members in groups.values():
+            p, sig, q = core_svd(torch.stack([c.s for _, c in members]))
+            r = sig.shape[-1]
+            hi = torch.tensor([min(limits[n][0], r) for n, _ in members], device=sig.device)
+            lo = torch.clamp(torch.full_like(hi, self.r_min), max=r)
+            keep = torch.minimum(torch.maximum(tolerance_ranks(sig, self.tau), lo), hi)
+            scale = torch.tensor([limits[n][1] for n, _ in members], dtype=sig.dtype, device=sig.device)
+            cuts.append((members, p, sig, q, keep, lo, scale))
+        if self.budget is not None:
+            self._apply_budget(cuts)
+        out, maps = {}, {}
+        for members, p, sig, q, keep, _, _ in cuts:
+            u = torch.stack([c.u for _, c in members])
+            v = torch.stack([c.v for _, c in members])
+            up, vq = u @ p.to(u.dtype), v @ q.to(v.dtype)
+            for i, (name, c) in enumerate(members):
+                k = int(keep[i])
+                out[name] = Candidate(up[i, :, :k], torch.diag(sig[i, :k]).to(u.dtype), vq[i, :, :k], c.emb)
+                emb = c.emb.to(p.dtype)
+                maps[name] = ((emb @ p[i, :, :k]).float(), (emb @ q[i, :, :k]).float())
+        return out, maps
+
+    def _apply_budget(self, cuts) -> None:
+        """Each layer keeps its r_min directions; the rest of the budget goes to the largest
+        s·σ over all layers, each within its τ and r_max limits (`keep` updated in place)."""
+        values, base = [], 0
+        for _, _, sig, _, keep, lo, scale in cuts:
+            idx = torch.arange(sig.shape[-1], device=sig.device)
+            allowed = (idx >= lo[:, None]) & (idx < keep[:, None])
+            values.append(torch.where(allowed, scale[:, None] * sig, torch.full_like(sig, -1.0)).flatten())
+            base += int(lo.sum())
+        flat = torch.cat(values)
+        extra = max(0, min(self.budget - base, int((flat >= 0).sum())))
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        if extra:
+            chosen[flat.topk(extra).indices] = True
+        offset = 0
+        for _, _, sig, _, keep, lo, _ in cuts:
+            n = sig.numel()
+            keep.copy_(lo + chosen[offset:offset + n].view(sig.shape).sum(-1))
+            offset += n
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"rank_history": self.history.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        self.history.load_state_dict(state.get("rank_history", []))
+
+    def options(self) -> dict[str, Any]:
+        return {"tau": self.tau, "r_min": self.r_min, "r_max": self.r_max, "period": self.period,
+                "budget": self.budget, "train_bases": self.train_bases, "damping": self.damping}
+
+
+@dataclass
+class Candidate:
+    """A layer's factors at some rank k — U (m, k), S (k, k), V (n, k), float32 — and `emb`,
+    the (old rank, k) map from the adapter's current rank coordinates to these."""
+
+    u: Tensor
+    s: Tensor
+    v: Tensor
+    emb: Tensor
