@@ -44,6 +44,7 @@ class AdaptConfig:
     rank: int = 8  # adapter rank r
     alpha: float | None = None  # scaling numerator (null: 2·rank)
     trainable: list[str] = field(default_factory=lambda: ["classifier"])  # modules trained in full alongside the adapters
+    init_batches: int = 4  # training batches (the first ones, in order) that a data-driven initializer calibrates on
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per recipe: overrides for geopeft.adapt, e.g. {stella: {retraction: qr}}
 
 

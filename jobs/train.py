@@ -90,8 +90,22 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128) -> tuple[fl
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
-def build(cfg, method: str, num_labels: int, lr: float):
-    """(model, optimizer) for `method` (a recipe name, or "full"), seeded by train.seed."""
+def calibration_batches(cfg, train: Encoded) -> list[tuple[tuple, torch.Tensor]]:
+    """The first adapt.init_batches batches of the training split, in file order: what a
+    data-driven initializer (e.g. CG-LoRA's) sees. Drawing them uses no random state."""
+    bs = min(cfg.train.batch_size, len(train))
+    count = min(cfg.adapt.init_batches, len(train) // bs)
+    return [train.batch(torch.arange(i * bs, (i + 1) * bs)) for i in range(count)]
+
+
+def _calibration_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, labels = batch
+    return nn.functional.cross_entropy(model(*inputs), labels)
+
+
+def build(cfg, method: str, num_labels: int, lr: float, train: Encoded | None = None):
+    """(model, optimizer) for `method` (a recipe name, or "full"), seeded by train.seed;
+    `train` gives a data-driven initializer its calibration batches."""
     model = build_model(cfg.model, num_labels, cfg.train.seed)
     kw: dict[str, Any] = {"lr": lr, "weight_decay": cfg.train.weight_decay}
     if cfg.train.optimizer == "sgd":
@@ -101,8 +115,10 @@ def build(cfg, method: str, num_labels: int, lr: float):
         return model, cls([p for p in model.parameters() if p.requires_grad], **kw)
     alpha = cfg.adapt.alpha if cfg.adapt.alpha is not None else 2.0 * cfg.adapt.rank
     options = dict(cfg.adapt.method_options.get(method, {}))
+    calib = calibration_batches(cfg, train) if train is not None else None
     geopeft.adapt(model, method=method, targets=list(cfg.adapt.targets), rank=cfg.adapt.rank,
-                  alpha=alpha, trainable=list(cfg.adapt.trainable), **options)
+                  alpha=alpha, trainable=list(cfg.adapt.trainable), init_batches=calib,
+                  loss_fn=_calibration_loss if calib else None, **options)
     return model, geopeft.optimizer(model, cls, **kw)
 
 
@@ -171,7 +187,7 @@ def train_run(cfg, method: str, data: dict[str, Encoded], out: Path | None, *, l
         torch.set_num_threads(t.threads)
     lr = lr if lr is not None else resolve_lr(cfg, method)[0]
     num_labels = int(max(int(d.labels.max()) for d in data.values()) + 1)
-    model, opt = build(cfg, method, num_labels, lr)
+    model, opt = build(cfg, method, num_labels, lr, data["train"])
     meta = {"method": method, "lr": lr, "steps": t.steps, "seed": t.seed}
     ckpt = out / "checkpoint" if out is not None else None
     run = _restore(ckpt, model, opt, meta) if resume and ckpt is not None else RunState()
