@@ -91,7 +91,9 @@ def build_model(model_cfg, num_labels: int, seed: int) -> nn.Module:
         from transformers import AutoModel, BertConfig, BertModel
 
         if kind == "minilm":
-            encoder = AutoModel.from_pretrained(minilm_path())
+            # no pooler: the head pools the last hidden states, and an unused `pooler.dense`
+            # would match target "dense" and hold adapters that never get a gradient
+            encoder = AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
         else:
             encoder = BertModel(BertConfig(
                 vocab_size=30522, hidden_size=model_cfg.hidden_size,
