@@ -108,17 +108,17 @@ def test_fused_path_falls_back_where_it_does_not_apply():
 def test_dispatch_modes_and_errors(monkeypatch):
     x = torch.randn(3, 4, 2)
     monkeypatch.setenv(dispatch.ENV, "auto")
-    assert not dispatch.use_triton("stiefel_step_grams", x)      # CPU: torch
+    assert not dispatch.use_triton("pair_grams", x)      # CPU: torch
     monkeypatch.setenv(dispatch.ENV, "tritn")
     with pytest.raises(ConfigError, match="auto, torch, triton"):
-        dispatch.use_triton("stiefel_step_grams", x)
+        dispatch.use_triton("pair_grams", x)
     monkeypatch.setenv(dispatch.ENV, "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
-        dispatch.use_triton("stiefel_step_grams", x)
-    assert not dispatch.use_triton("stiefel_step_grams", x, supported=False)
+        dispatch.use_triton("pair_grams", x)
+    assert not dispatch.use_triton("pair_grams", x, supported=False)
     monkeypatch.setenv(dispatch.ENV, "torch")
-    assert not dispatch.use_triton("stiefel_step_grams", x)
+    assert not dispatch.use_triton("pair_grams", x)
 
 
 def test_import_does_not_import_triton_and_env_reports_paths():
@@ -136,7 +136,7 @@ def test_cli_env_prints_the_kernel_report(capsys, monkeypatch):
     assert cli_main(["env"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kernels"]["mode"] == "torch"
-    assert out["kernels"]["ops"]["stiefel_step_grams"] == {"cuda": "torch", "cpu": "torch"}
+    assert out["kernels"]["ops"]["pair_grams"] == {"cuda": "torch", "cpu": "torch"}
 
 
 class _Net(nn.Module):
