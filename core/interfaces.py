@@ -45,7 +45,9 @@ class Manifold(abc.ABC):
     name: ClassVar[str] = ""
     #: True for the flat space: the optimizer skips every geometric stage.
     is_euclidean: ClassVar[bool] = False
-    #: True when the manifold couples several factors (x is a tuple of tensors).
+    #: True when the manifold couples several factors (x is a tuple of tensors). Its
+    #: `project` must keep the product of the factors in key order (BA for "B,A"): the
+    #: adapter's function; the property tests check it.
     coupled: ClassVar[bool] = False
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
@@ -91,7 +93,8 @@ class Manifold(abc.ABC):
     @abc.abstractmethod
     def random_point(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> Tensor:
-        """A random point of M of the given (..., n, p) shape."""
+        """A random point of M of the given (..., n, p) shape (a coupled manifold: a tuple
+        of shapes, one per factor, and a tuple of tensors back)."""
 
     def shape_problem(self, shape: tuple[int, ...] | tuple[tuple[int, ...], ...]) -> str | None:
         """None when factors of `shape` — (n, p), or one shape per factor for a coupled
@@ -319,6 +322,11 @@ class GradientTransform(abc.ABC):
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: A family of transforms that must not be chained with each other: a recipe with two of
+    #: one family is refused. "gram_preconditioner": a factor's gradient divided by the other
+    #: factor's Gram matrix (LoRA-Pro, scaled GD) — chained, it is divided twice and the step
+    #: blows up as B → 0. "" (default): chains with anything.
+    exclusive: ClassVar[str] = ""
 
     def init_state(self, adapter: Adapter) -> dict[str, Tensor]:
         """Per-adapter state (tensors only, so it round-trips through state_dict)."""

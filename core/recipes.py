@@ -182,8 +182,16 @@ def check_compatible(resolved: Resolved) -> None:
     adapter = recipe.adapter
     have = set(resolved.adapter_cls.factor_names)
     have_text = ", ".join(resolved.adapter_cls.factor_names)
+    owner: dict[str, FactorKey] = {}
     for key, manifold in resolved.manifolds.items():
         names = factor_names_of(key)
+        for n in names:
+            if n in owner:  # e.g. manifold={"B": "oblique", "B,A": "balanced"}
+                raise IncompatibleComponentsError(
+                    f"factor {n!r} is given two manifolds, {recipe.manifolds.get(owner[n], owner[n])!r} "
+                    f"on {owner[n]!r} and {recipe.manifolds.get(key, key)!r} on {key!r}: each factor "
+                    f"lives on one manifold; drop one of the two entries")
+            owner[n] = key
         missing = [n for n in names if n not in have]
         if missing:
             raise IncompatibleComponentsError(
@@ -198,6 +206,15 @@ def check_compatible(resolved: Resolved) -> None:
             raise IncompatibleComponentsError(
                 f"manifold {recipe.manifolds[key]!r} {kind}, but adapter {adapter!r} "
                 f"assigns it to {key!r}")
+    family: dict[str, str] = {}
+    for n, t in zip(recipe.transforms, resolved.transforms):
+        if t.exclusive and t.exclusive in family:
+            raise IncompatibleComponentsError(
+                f"gradient transforms {family[t.exclusive]!r} and {n!r} are both "
+                f"{t.exclusive!r} transforms, a family that must not be chained (see "
+                f"GradientTransform.exclusive); keep one of them")
+        if t.exclusive:
+            family[t.exclusive] = n
     parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
     parts.append(("initializer", recipe.initializer, resolved.initializer))
     parts.append(("rank controller", recipe.rank_controller, resolved.rank_controller))

@@ -15,6 +15,20 @@ from geopeft.kernels import augment, basis_directions, core_svd, stack_fp32, tol
 from .history import RankHistory
 
 
+def check_basis_manifolds(controller: str, layer: str, adapter: Adapter) -> None:
+    """A rank controller that keeps, drops and adds columns of U and V keeps them on their
+    manifold only if it is 'stiefel' (a subset of orthonormal columns stays orthonormal,
+    and new columns are written orthonormal) or flat: refuse any other (e.g. 'oblique',
+    whose rows lose their unit norm when a column goes)."""
+    manifolds = adapter.factor_manifolds()
+    other = [f"{f} on {m.name!r}" for f in ("U", "V") if (m := manifolds.get(f)) is not None
+             and not (m.is_euclidean or m.name == "stiefel")]
+    if other:
+        raise ConfigError(f"rank controller {controller!r} changes the columns of U and V, which keeps "
+                          f"them on 'stiefel' or 'euclidean' only, but the adapter on {layer!r} has "
+                          f"{', '.join(other)}: put U and V on 'stiefel' or leave them at the default")
+
+
 class GeoLoRAController(RankController):
     """Ranks of ΔW = s·U S Vᵀ (the `usv` adapter, full S) adapted from the one backward
     pass the user ran. A cycle of `period` optimizer steps:
@@ -69,6 +83,7 @@ class GeoLoRAController(RankController):
     # ------------------------------------------------------------------ checks
     def check_optimizer(self, optimizer, adapters):
         for name, a in adapters:
+            check_basis_manifolds(self.name, name, a)
             if a.S.dim() != 2:
                 raise ConfigError(f"rank controller 'geolora' needs a full core S (its augmented core "
                                   f"is not diagonal), but the adapter on {name!r} has diag_s=True: "
