@@ -20,6 +20,7 @@ from torch import nn
 
 import geopeft
 from geopeft.kernels import (
+    balance,
     dispatch,
     lora_linear,
     lorapro_adjust,
@@ -213,3 +214,15 @@ def test_lorapro_adjust_on_triton_equals_torch(tk, poisoned, torch_mode):
         ref = lorapro_adjust(A, B, ga, gb, s)
     for g, r in zip(got, ref):
         assert rel(g, r) < 1e-5
+
+
+def test_balance_on_triton_equals_torch(tk, poisoned, torch_mode):
+    """BaLoRA's balancing with its two thin products on Triton (forced) equals the torch
+    path: 3 pairs, m = 40, n = 29, r = 5."""
+    gen = torch.Generator().manual_seed(6)
+    B, A = torch.randn(3, 40, 5, generator=gen), torch.randn(3, 5, 29, generator=gen)
+    got = balance(B, A)
+    assert len(poisoned) == 2
+    with torch_mode:
+        ref = balance(B, A)
+    assert rel(got.B, ref.B) < 1e-5 and rel(got.A, ref.A) < 1e-5 and bool(got.full_rank.all())
