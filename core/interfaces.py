@@ -325,7 +325,9 @@ class GradientTransform(abc.ABC):
     #: A family of transforms that must not be chained with each other: a recipe with two of
     #: one family is refused. "gram_preconditioner": a factor's gradient divided by the other
     #: factor's Gram matrix (LoRA-Pro, scaled GD) — chained, it is divided twice and the step
-    #: blows up as B → 0. "" (default): chains with anything.
+    #: blows up as B → 0; its outputs are preconditioned steps, not gradients, so
+    #: moments="transport" through a coupled projection's change of basis is refused with
+    #: it. "" (default): chains with anything.
     exclusive: ClassVar[str] = ""
 
     def init_state(self, adapter: Adapter) -> dict[str, Tensor]:
