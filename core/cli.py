@@ -39,6 +39,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    """JSON: geopeft, torch and Python versions, and which kernel path (torch / Triton) each op takes."""
+    import platform
+
+    import torch
+
+    from geopeft import __version__
+    from geopeft.kernels import kernel_report
+
+    print(json.dumps({"geopeft": __version__, "torch": torch.__version__,
+                      "python": platform.python_version(), "kernels": kernel_report()}, indent=2))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A saved geopeft adapter directory → a PEFT LoRA directory."""
     from .export import export_saved
@@ -69,6 +83,8 @@ def _add_job_parsers(sub) -> None:
     comp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods=[lora,stella]")
     comp.add_argument("--lr-sweep", action="store_true",
                       help="try sweep.factors x each recipe's lr, keep the best by validation accuracy")
+    comp.add_argument("--reuse", action="store_true",
+                      help="take a run from its metrics.json when model, data, training, method and lr match")
     comp.set_defaults(func=_job("compare"))
 
 
@@ -78,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="the loaded plugins and their components, as JSON").set_defaults(
         func=cmd_plugins)
     sub.add_parser("methods", help="the registered method recipes").set_defaults(func=cmd_methods)
+    sub.add_parser("env", help="versions and the active kernel paths (GEOPEFT_KERNELS), as JSON"
+                   ).set_defaults(func=cmd_env)
     export = sub.add_parser("export", help="a saved geopeft adapter to a PEFT LoRA directory")
     export.add_argument("src", help="directory written by geopeft.save")
     export.add_argument("dst", help="PEFT directory to write")

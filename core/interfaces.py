@@ -45,7 +45,9 @@ class Manifold(abc.ABC):
     name: ClassVar[str] = ""
     #: True for the flat space: the optimizer skips every geometric stage.
     is_euclidean: ClassVar[bool] = False
-    #: True when the manifold couples several factors (x is a tuple of tensors).
+    #: True when the manifold couples several factors (x is a tuple of tensors). Its
+    #: `project` must keep the product of the factors in key order (BA for "B,A"): the
+    #: adapter's function; the property tests check it.
     coupled: ClassVar[bool] = False
     #: How the optimizer restores feasibility after the base step: "retract" moves
     #: from the old point along the projected step; "project" maps the new point.
@@ -91,7 +93,8 @@ class Manifold(abc.ABC):
     @abc.abstractmethod
     def random_point(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> Tensor:
-        """A random point of M of the given (..., n, p) shape."""
+        """A random point of M of the given (..., n, p) shape (a coupled manifold: a tuple
+        of shapes, one per factor, and a tuple of tensors back)."""
 
     def shape_problem(self, shape: tuple[int, ...] | tuple[tuple[int, ...], ...]) -> str | None:
         """None when factors of `shape` — (n, p), or one shape per factor for a coupled
@@ -212,6 +215,23 @@ class Adapter(nn.Module, abc.ABC):
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         """base_out plus the adapter's contribution, without forming ΔW."""
 
+    def fused_forward(self, x: Tensor) -> Tensor | None:
+        """The base layer's output plus the adapter's, computed in one fused function
+        (base and update together, e.g. `geopeft.kernels.lora_linear`), or None when this
+        adapter or this call has no fused path; then `AdaptedLayer` runs the base layer and
+        `forward`. The default has none."""
+        return None
+
+    def can_fuse_linear(self, x: Tensor) -> bool:
+        """Whether base(x) + update may run as one `geopeft.kernels.lora_linear`: a plain
+        nn.Linear base without hooks, floating x in its weight's dtype, no dropout active
+        (`dropout_p` while training) and no autocast."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+                and not (self.training and getattr(self, "dropout_p", 0.0) > 0)
+                and x.is_floating_point() and x.dtype == base.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
+
     @abc.abstractmethod
     def to_lora(self) -> tuple[Tensor, Tensor]:
         """(B (m, r), A (r, n)) with `scaling * B @ A` equal to ΔW as an (m, n) matrix."""
@@ -302,6 +322,13 @@ class GradientTransform(abc.ABC):
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: A family of transforms that must not be chained with each other: a recipe with two of
+    #: one family is refused. "gram_preconditioner": a factor's gradient divided by the other
+    #: factor's Gram matrix (LoRA-Pro, scaled GD) — chained, it is divided twice and the step
+    #: blows up as B → 0; its outputs are preconditioned steps, not gradients, so
+    #: moments="transport" through a coupled projection's change of basis is refused with
+    #: it. "" (default): chains with anything.
+    exclusive: ClassVar[str] = ""
 
     def init_state(self, adapter: Adapter) -> dict[str, Tensor]:
         """Per-adapter state (tensors only, so it round-trips through state_dict)."""

@@ -36,6 +36,10 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not (self.merged or self.disabled or args or kwargs):
+            fused = self.adapter.fused_forward(x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled and not self.merged and base_shift(self.adapter) is not None:
             return add_shift_output(self.adapter, x, out)  # the unshifted base function
@@ -319,7 +323,12 @@ def _check_manifolds_fit(resolved: Resolved, layer: str, adapter: Adapter) -> No
     """Each factor's shape suits its manifold (`Manifold.shape_problem`), else ConfigError."""
     for key, manifold in adapter.factor_manifolds().items():
         shapes = tuple(tuple(getattr(adapter, n).shape) for n in factor_names_of(key))
-        problem = manifold.shape_problem(shapes if manifold.coupled else shapes[0])
+        if manifold.is_euclidean:
+            continue
+        if any(len(s) != 2 for s in shapes):  # e.g. usv's S with diag_s=True: a vector (r,)
+            problem = "a manifold acts on (n, p) matrices and this factor is not one"
+        else:
+            problem = manifold.shape_problem(shapes if manifold.coupled else shapes[0])
         if problem:
             shown = " and ".join("x".join(map(str, s)) for s in shapes)
             raise ConfigError(f"manifold {resolved.recipe.manifolds.get(key, manifold.name)!r} does not "

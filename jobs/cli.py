@@ -40,7 +40,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_methods(list(cfg.methods))
-    out = compare(cfg, prepare(cfg), lr_sweep=args.lr_sweep)
+    out = compare(cfg, prepare(cfg), lr_sweep=args.lr_sweep, reuse=args.reuse)
     print()
     print((out / "compare.md").read_text())
     files = ["compare.md", "compare.json", "compare.png"] + (

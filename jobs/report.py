@@ -68,7 +68,25 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool) -> str:
+def sweep_table(results: list[dict[str, Any]]) -> str:
+    """Validation (test) accuracy of every lr tried, one row per swept run."""
+    swept = [r for r in results if r.get("sweep")]
+    if not swept:
+        return ""
+    lrs = sorted({t["lr"] for r in swept for t in r["sweep"]})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+             "| --- |" + " ---: |" * len(lrs)]
+    for r in swept:
+        got = {t["lr"]: t for t in r["sweep"]}
+        cells = [f"{100 * got[lr]['val_acc']:.2f} ({100 * got[lr]['test_acc']:.2f})" if lr in got else "—"
+                 for lr in lrs]
+        cells = [f"**{c}**" if lr == r["lr"] else c for c, lr in zip(cells, lrs)]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return ("\n\n## lr sweep\n\nvalidation accuracy % (test accuracy %) at each lr tried; bold: "
+            "the lr kept (best validation accuracy)\n\n" + "\n".join(lines) + "\n")
+
+
+def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict[str, Any]] = ()) -> str:
     lr_note = ("each recipe's lr chosen from its grid by validation accuracy" if lr_sweep
                else "lr: train.lr, else the recipe's recommended lr, else train.default_lr; "
                     "full fine-tuning: train.full_lr")
@@ -85,7 +103,7 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool) -> str:
                "step (forward, backward, optimizer) over LoRA's; optimizer state: bytes of every "
                "tensor the optimizer keeps; invariant violation: the largest distance of a factor "
                "from its manifold at the end (— for Euclidean factors only). See docs/compare.md.\n")
-    return head + table(rows) + notes
+    return head + table(rows) + notes + sweep_table(list(results))
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

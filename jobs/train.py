@@ -141,6 +141,21 @@ def _restore(path: Path, model: nn.Module, opt, meta: dict[str, Any]) -> RunStat
     return RunState(state["step"], state["train_time"], state["losses"], state["step_times"], state["evals"])
 
 
+def run_key(cfg, method: str, lr: float) -> str:
+    """A digest of everything that decides a run's result: model, data, adaptation (this
+    recipe's options only), training (not what only shapes the record: progress bar, thread
+    count, eval and checkpoint intervals), method, lr."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    train = {k: v for k, v in c["train"].items() if k not in ("progress", "threads", "eval_every", "checkpoint_every")}
+    adapt = dict(c["adapt"], method_options=c["adapt"]["method_options"].get(method, {}))
+    blob = json.dumps([c["model"], c["data"], adapt, train, method, lr], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def train_run(cfg, method: str, data: dict[str, Encoded], out: Path | None, *, lr: float | None = None,
               resume: bool = False, checkpoint: bool = False,
               on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -201,7 +216,7 @@ def train_run(cfg, method: str, data: dict[str, Encoded], out: Path | None, *, l
     timed = run.step_times[3:] or run.step_times
     metrics = {
         "method": method, "lr": lr, "steps": t.steps, "seed": t.seed,
-        "test_acc": test_acc, "test_loss": test_loss,
+        "run_key": run_key(cfg, method, lr), "test_acc": test_acc, "test_loss": test_loss,
         "val_acc": run.evals[-1]["val_acc"] if run.evals else None,
         "trainable_params": measure.trainable_params(model),
         "optimizer_state_bytes": measure.optimizer_state_bytes(opt),

@@ -1,6 +1,6 @@
 """Shared batched tensor ops. Pure functions; each has a torch reference
-implementation (the spec). Triton versions, used on CUDA when faster, come
-with the Kernels issue and are tested against these references."""
+implementation (the spec). Triton kernels (`geopeft.kernels.triton`, imported only
+when one runs) take the same arguments; `dispatch` chooses between the two."""
 
 from .balanced import (
     Balanced,
@@ -11,8 +11,11 @@ from .balanced import (
     push_through_basis_change,
 )
 from .batched import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
+from .dispatch import report as kernel_report
 from .geolora import augment, basis_directions, core_svd, tolerance_ranks
+from .lora import LoRALinearFunction, lora_linear
 from .lorapro import equivalent_gradient, lorapro_adjust, lorapro_equivalent_gradient
+from .products import pair_grams, two_products
 from .stiefel import (
     POLAR_METHODS,
     canonical_rgrad,
@@ -24,6 +27,7 @@ from .stiefel import (
     polar_retract_step,
     qr_retract,
     random_stiefel,
+    stiefel_step_grams,
     sym,
     tangent_project,
 )
@@ -35,5 +39,6 @@ __all__ = [
     "gram_violation", "inv_sqrt_newton_schulz", "lorapro_adjust", "lorapro_equivalent_gradient", "polar",
     "polar_retract", "polar_retract_step", "push_through_basis_change", "qr_retract", "random_stiefel",
     "resize_along",
-    "stack_fp32", "sym", "tangent_project", "write_stacked",
+    "stack_fp32", "stiefel_step_grams", "sym", "tangent_project", "two_products", "write_stacked",
+    "LoRALinearFunction", "kernel_report", "lora_linear", "pair_grams",
 ]

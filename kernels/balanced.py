@@ -2,15 +2,22 @@
 BᵀB = AAᵀ. Pure batched torch functions over stacked pairs; the `balanced` manifold of
 the BaLoRA plugin calls them.
 
-For every invertible R, (B R⁻¹, R A) has the same product. Among these pairs the balanced
-one gives both factors the condition number √cond(BA). The cheap route (QR of the thin
-factors, SVD of an r×r core):
+For every invertible R, (B R⁻¹, R A) has the same product; it is balanced iff P = RᵀR
+solves P·AAᵀ·P = BᵀB, whose only symmetric positive-definite solution is the matrix
+geometric mean P = (AAᵀ)⁻¹ # BᵀB. So the balancing changes of basis are R = O·P^½ with O
+orthogonal, and the balanced pairs with product BA form the orbit (B₀Oᵀ, O A₀). `balance`
+takes R = P^½ itself, the symmetric one, nearest the identity (‖R − I‖_F is smallest at
+O = I, by the polar decomposition): the identity on balanced pairs (P = I), continuous
+in (B, A), never flipping or reordering columns. Through thin QRs and r×r work:
 
-    B = Q_B R_B,  Aᵀ = Q_A R_A,  R_B R_Aᵀ = U Σ Vᵀ
-    B ← Q_B U √Σ,  A ← √Σ Vᵀ Q_Aᵀ          (then BᵀB = Σ = AAᵀ and BA is unchanged)
+    B = Q_B R_B,  Aᵀ = Q_A R_A,  R_B R_Aᵀ = U Σ Vᵀ            (σ(BA) = Σ)
+    R₀ = Σ^-½ Uᵀ R_B = X Λ Yᵀ,  O = Y Xᵀ                       (R = O R₀ = Y Λ Yᵀ = P^½)
+    B ← Q_B U √Σ X Yᵀ,  A ← Y Xᵀ √Σ Vᵀ Q_Aᵀ                   (= B R⁻¹, R A)
 
-which costs O((m + n) r²) per pair. The singular values Σ of the core are those of BA,
-so the same SVD tells whether BA has full numerical rank r; a pair whose product is
+R₀ balances (it gives the pair in BA's singular basis), O turns that pair to the one
+reached by a symmetric R, and no inverse is ever applied to B or A. O((m + n) r²) per
+pair; the r×r work in float64. The singular values Σ of the core are those of BA, so the
+same SVD tells whether BA has full numerical rank r; a pair whose product is
 rank-deficient is left as it is (balancing it would put zero columns in B *and* zero
 rows in A, a saddle the gradient never leaves: B = 0 at LoRA's init would stay 0).
 """
@@ -21,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .products import two_products
 
 
 class Balanced(NamedTuple):
@@ -48,11 +57,15 @@ def _check_pair(B: Tensor, A: Tensor) -> None:
 
 
 def balance(B: Tensor, A: Tensor, rtol: float | None = None) -> Balanced:
-    """The balanced pair with the same product as (B, A), member by member.
+    """The balanced pair with the same product as (B, A) nearest to it, member by member:
+    (B R⁻¹, R A) with R the symmetric positive-definite change of basis that balances the
+    pair (module docstring). The identity on balanced pairs (up to rounding), continuous in
+    (B, A): no column is flipped or reordered.
 
-    B (…, m, r), A (…, r, n), float32 or float64. Members whose product has numerical
-    rank < r (σ_r ≤ rtol·σ_1, `rtol` default `default_rank_rtol(m, n, dtype)`) are
-    returned unchanged and flagged False in `full_rank`; no Python loop over members.
+    B (…, m, r), A (…, r, n), float32 or float64; the thin QRs run in that dtype, the r×r
+    work in float64. Members whose product has numerical rank < r (σ_r ≤ rtol·σ_1, `rtol`
+    default `default_rank_rtol(m, n, dtype)`) are returned unchanged and flagged False in
+    `full_rank`; no Python loop over members.
     """
     _check_pair(B, A)
     m, r = B.shape[-2:]
@@ -62,11 +75,18 @@ def balance(B: Tensor, A: Tensor, rtol: float | None = None) -> Balanced:
     tol = default_rank_rtol(m, n, B.dtype) if rtol is None else float(rtol)
     q_b, r_b = torch.linalg.qr(B)          # (…, m, r), (…, r, r)
     q_a, r_a = torch.linalg.qr(A.mT)       # (…, n, r), (…, r, r)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)  # the r×r core; s descending: σ(BA)
+    r_b = r_b.double()
+    u, s, vh = torch.linalg.svd(r_b @ r_a.double().mT)  # the r×r core; s descending: σ(BA)
     full = s[..., -1] > tol * s[..., 0]    # B = 0: 0 > 0 is False
-    root = s.sqrt()
-    new_b = q_b @ (u * root.unsqueeze(-2))
-    new_a = (root.unsqueeze(-1) * vh) @ q_a.mT
+    root = torch.where(full.unsqueeze(-1), s, 1.0).sqrt()  # members left alone: any finite value
+    # R₀ = Σ^-½ Uᵀ R_B balances, (B R₀⁻¹, R₀ A) = (Q_B U √Σ, √Σ Vᵀ Q_Aᵀ); every balancing R is
+    # O R₀ (O orthogonal), and the symmetric one is R = Y Xᵀ R₀ for R₀ = X Λ Yᵀ (polar factor)
+    x, _, yh = torch.linalg.svd((u.mT @ r_b) / root.unsqueeze(-1))
+    turn = x @ yh                          # Oᵀ = X Yᵀ
+    k_b = (u * root.unsqueeze(-2)) @ turn  # B' = Q_B U √Σ X Yᵀ
+    k_a = turn.mT @ (root.unsqueeze(-1) * vh)  # A' = Y Xᵀ √Σ Vᵀ Q_Aᵀ
+    new_b = two_products(q_b, k_b)                 # the thin products: Triton on CUDA
+    new_a = two_products(q_a, k_a.mT).mT
     keep = full[..., None, None]
     return Balanced(torch.where(keep, new_b, B), torch.where(keep, new_a, A), full)
 
@@ -86,8 +106,14 @@ def balanced_tangent(B: Tensor, A: Tensor, u_b: Tensor, u_a: Tensor) -> tuple[Te
     set {BᵀB − AAᵀ = 0}: tangent vectors satisfy sym(Bᵀξ_B) = sym(ξ_A Aᵀ); the normal
     space is {(BΛ, −ΛA): Λ symmetric}. Λ solves the Lyapunov equation
     ½(MΛ + ΛM) = sym(Bᵀu_B − u_A Aᵀ) with M = BᵀB + AAᵀ, through the eigenbasis of M
-    (pseudo-inverse where M is singular)."""
+    (pseudo-inverse where M is singular).
+
+    Computed in float64 and returned in u's dtype: the Lyapunov solve amplifies rounding by
+    cond(M) = cond(BA) at a balanced pair, which float32 would turn into a projection that
+    is not idempotent to 1e-4."""
     _check_pair(B, A)
+    dtypes = (u_b.dtype, u_a.dtype)
+    B, A, u_b, u_a = (t.double() for t in (B, A, u_b, u_a))
     c = B.mT @ u_b - u_a @ A.mT
     c = (c + c.mT) / 2
     d, w = torch.linalg.eigh(B.mT @ B + A @ A.mT)
@@ -96,7 +122,7 @@ def balanced_tangent(B: Tensor, A: Tensor, u_b: Tensor, u_a: Tensor) -> tuple[Te
     floor = denom.amax((-2, -1), keepdim=True) * torch.finfo(denom.dtype).eps
     lam_t = torch.where(denom > floor, 2 * ct / torch.where(denom > floor, denom, 1), 0)
     lam = w @ lam_t @ w.mT
-    return u_b - B @ lam, u_a + lam @ A
+    return (u_b - B @ lam).to(dtypes[0]), (u_a + lam @ A).to(dtypes[1])
 
 
 def push_through_basis_change(B: Tensor, A: Tensor, new_b: Tensor, new_a: Tensor,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .products import pair_grams, two_products, wide_dtype
+
 POLAR_METHODS = ("gram", "svd", "newton_schulz")
 
 
@@ -51,9 +53,9 @@ def polar(y: Tensor, method: str = "gram", iters: int = 40, tol: float | None = 
     """
     if method == "svd":
         q, r = torch.linalg.qr(y)
-        p, _, wh = torch.linalg.svd(r.to(_wide(r)))
+        p, _, wh = torch.linalg.svd(r.to(wide_dtype(r)))
         return q @ (p @ wh).to(y.dtype)
-    gram = (y.mT @ y).to(_wide(y))
+    gram = (y.mT @ y).to(wide_dtype(y))
     if method == "gram":
         w, q = torch.linalg.eigh(gram)
         w = w.clamp_min(torch.finfo(w.dtype).tiny)
@@ -61,11 +63,6 @@ def polar(y: Tensor, method: str = "gram", iters: int = 40, tol: float | None = 
     if method == "newton_schulz":
         return y @ inv_sqrt_newton_schulz(gram, iters, tol).to(y.dtype)
     raise ValueError(f"unknown polar method {method!r}; choose one of {', '.join(POLAR_METHODS)}")
-
-
-def _wide(t: Tensor) -> torch.dtype:
-    """float64 for the small p×p work (float32 on MPS, which has no float64)."""
-    return torch.float32 if t.device.type == "mps" else torch.float64
 
 
 def inv_sqrt_newton_schulz(c: Tensor, iters: int = 40, tol: float | None = None) -> Tensor:
@@ -89,25 +86,30 @@ def polar_retract(x: Tensor, u: Tensor, method: str = "gram") -> Tensor:
     return polar(x + u, method)
 
 
+def stiefel_step_grams(x: Tensor, new: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The three p×p products of a Stiefel step, (xᵀx, xᵀΔ, ΔᵀΔ) with Δ = scale·(new − x),
+    for stacks x, new (G, n, p): `pair_grams(x, new, scale, difference=True)`."""
+    return pair_grams(x, new, scale, difference=True)
+
+
 def polar_retract_step(x: Tensor, new: Tensor, scale: float = 1.0, method: str = "gram") -> Tensor:
     """StelLA's whole post-step geometry in one pass: with Δ = scale·(new − x), the polar
     retraction of x + Δ − x·sym(xᵀΔ) (the step projected to the tangent space at x).
 
     Fused: y = x·T + Δ with T = I − sym(xᵀΔ), so yᵀy = Tᵀ(xᵀx)T + Tᵀ(xᵀΔ) + (Δᵀx)T + ΔᵀΔ
-    comes from three p×p reductions, and the result y·(yᵀy)^{-1/2} = x·(TZ) + Δ·Z from two
-    products — y is never formed, the n×p data is read four times instead of eight.
-    xᵀx enters as computed (not assumed I), so the result is orthonormal to rounding even
-    when x has drifted. `method`: "gram" (eigh) or "newton_schulz" for Z = (yᵀy)^{-1/2}.
+    comes from three p×p reductions (`stiefel_step_grams`, one pass over x and new), and
+    the result y·(yᵀy)^{-1/2} = x·(TZ) + Δ·Z = x·(TZ − scale·Z) + new·(scale·Z) from two
+    products written once (`two_products`) — y is never formed. The p×p work runs in
+    float64. xᵀx enters as computed (not assumed I), so the result is orthonormal to
+    rounding even when x has drifted. `method`: "gram" (eigh) or "newton_schulz" for
+    Z = (yᵀy)^{-1/2}; any other polar method retracts the projected step unfused.
     """
     if method not in ("gram", "newton_schulz"):
         return polar(x + tangent_project(x, scale * (new - x)), method)
     shape = x.shape
     x3, new3 = x.reshape(-1, *shape[-2:]), new.reshape(-1, *shape[-2:])
-    delta = new3 - x3
-    if scale != 1.0:
-        delta = delta * scale
-    wide = _wide(x)
-    xtx, xtd, dtd = ((x3.mT @ x3).to(wide), (x3.mT @ delta).to(wide), (delta.mT @ delta).to(wide))
+    xtx, xtd, dtd = stiefel_step_grams(x3, new3, scale)
+    wide = xtx.dtype
     t = torch.eye(shape[-1], dtype=wide, device=x.device) - 0.5 * (xtd + xtd.mT)
     gram = t.mT @ xtx @ t + t.mT @ xtd + xtd.mT @ t + dtd
     if method == "gram":
@@ -115,8 +117,7 @@ def polar_retract_step(x: Tensor, new: Tensor, scale: float = 1.0, method: str =
         z = (q * w.clamp_min(torch.finfo(wide).tiny).rsqrt().unsqueeze(-2)) @ q.mT
     else:
         z = inv_sqrt_newton_schulz(gram)
-    out = torch.baddbmm(x3 @ (t @ z).to(x.dtype), delta, z.to(x.dtype))
-    return out.reshape(shape)
+    return two_products(x3, t @ z - scale * z, new3, scale * z).reshape(shape)
 
 
 def qr_retract(x: Tensor, u: Tensor) -> Tensor:

@@ -236,3 +236,23 @@ def test_adalora_keeps_the_ranks_of_peft_adalora_budget_schedule():
             assert total == kept == budget, (g, total, kept, budget)
     assert total == 2 * len(TINY_TARGETS)
     assert max_violation([a for _, a in geopeft.adapters(model)]) <= 1e-5
+
+
+def test_orth_reg_adds_the_gradient_of_peft_adaloras_regulariser(tiny):
+    model = geopeft.adapt(tiny, "adalora", targets=TINY_TARGETS, rank=4, total_steps=10, target_rank=2,
+                          manifold={"U": "euclidean", "V": "euclidean"}, transforms=["orth_reg"],
+                          orth_reg_weight=0.3)
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.0)
+    adapters = [a for _, a in geopeft.adapters(model)]
+    with torch.no_grad():
+        for a in adapters:
+            a.U.add_(0.1 * torch.randn_like(a.U))
+            a.V.add_(0.1 * torch.randn_like(a.V))
+    model(tiny_batch(0)).pow(2).mean().backward()
+    plain = {id(p): p.grad.clone() for a in adapters for p in (a.U, a.V)}
+    # PEFT: loss += w · Σ_{A, B} ‖P Pᵀ − I‖_F / (number of A and B matrices); A = Vᵀ, B = U
+    reg = sum(torch.linalg.matrix_norm(x.T @ x - torch.eye(4)) for a in adapters for x in (a.U, a.V))
+    want = torch.autograd.grad(0.3 * reg / (2 * len(adapters)), [p for a in adapters for p in (a.U, a.V)])
+    opt.step()  # lr 0: the gradients it leaves are the transformed ones
+    for p, w in zip([p for a in adapters for p in (a.U, a.V)], want):
+        assert torch.allclose(p.grad - plain[id(p)], w, atol=1e-6)

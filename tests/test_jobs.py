@@ -63,6 +63,10 @@ def test_compare_writes_table_json_and_png(tiny_config, capsys):
     with Image.open(out / "compare.png") as img:
         img.load()  # decodes the whole image
         assert img.format == "PNG" and img.size == (990, 675)
+    # --reuse takes each run from its metrics.json: same table, nothing trained again
+    assert main(["compare", str(tiny_config), "train.steps=4", "--reuse"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 3
+    assert json.loads((out / "compare.json").read_text())["summary"] == summary
 
 
 def test_bad_key_and_unknown_recipe_fail_before_running(tiny_config, capsys):
@@ -104,3 +108,16 @@ def test_config_reference_is_current():
 
     path = Path(__file__).parent.parent / "docs" / "config.md"
     assert path.read_text() == render(), "regenerate: python -m geopeft.jobs.docgen docs/config.md"
+
+
+def test_ranks_figure_for_rank_adaptive_recipes(tmp_path):
+    from geopeft.jobs.report import plot_ranks
+
+    evals = [{"step": s, "ranks": {"l0": r0, "l1": 8}} for s, r0 in ((5, 8), (10, 5))]
+    runs = [{"method": "adaptive", "rank_adaptive": True, "ranks": {"l0": 5, "l1": 8},
+             "steps": 10, "evals": evals},
+            {"method": "lora", "rank_adaptive": False}]
+    plot_ranks(runs, tmp_path / "ranks.png")
+    with Image.open(tmp_path / "ranks.png") as img:
+        img.load()
+        assert img.size == (990, 288)  # one panel: only the rank-adaptive recipe

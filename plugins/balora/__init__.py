@@ -3,7 +3,8 @@ to Accelerate Convergence", ICML 2026, arXiv 2605.31484 (official code: github.c
 
 (B R⁻¹, R A) has the same product BA for every invertible R; the balanced pair
 (BᵀB = AAᵀ) gives both factors the condition number √cond(BA). BaLoRA trains plain
-LoRA and, after every k-th optimizer step, replaces each pair by its balanced one.
+LoRA and, after every k-th optimizer step, replaces each pair by the nearest balanced pair
+with the same product ((B R⁻¹, R A) with R symmetric positive definite).
 
 Registers manifold `balanced` (coupled, on the key "B,A") and the recipe `balora`:
 adapter `lora`, manifolds {"B,A": "balanced"}, initializer `lora`, projection every

@@ -26,9 +26,10 @@ Pair = tuple[Tensor, Tensor]
 class BalancedManifold(Manifold):
     """Pairs (B (…, m, r), A (…, r, n)) with BᵀB = AAᵀ; a coupled manifold on the key "B,A".
 
-    `project` balances each pair without changing its product BA (QR of B and Aᵀ, SVD of
-    the r×r core, √Σ split: `geopeft.kernels.balance`), batched over same-shape pairs, in
-    the stack's dtype (float32, or float64 if given float64). Pairs whose product has
+    `project` maps each pair to the nearest balanced pair with the same product BA,
+    (B R⁻¹, R A) with R symmetric positive definite (`geopeft.kernels.balance`): the
+    identity on balanced pairs, continuous, no column flipped or reordered; batched over
+    same-shape pairs, thin QRs in the stack's dtype, r×r work in float64. Pairs whose product has
     numerical rank < r — σ_r(BA) ≤ rank_rtol·σ_1(BA), default rank_rtol = max(m, n)·ε
     of the dtype (ε = 1.19e-7 in float32) — are left unchanged, and how many is logged
     at debug level on the "geopeft.plugins.balora" logger: balancing them would zero
@@ -52,9 +53,10 @@ class BalancedManifold(Manifold):
         self.rank_rtol = None if rank_rtol is None else float(rank_rtol)
 
     def shape_problem(self, shape):
-        if len(shape) != 2 or len(shape[0]) != 2 or len(shape[1]) != 2 or shape[0][1] != shape[1][0]:
-            return ("balanced pairs a B (m, r) with an A (r, n) — two factors, the columns of the "
-                    "first matching the rows of the second")
+        if (len(shape) != 2 or len(shape[0]) != 2 or len(shape[1]) != 2 or shape[0][1] != shape[1][0]
+                or shape[0][1] > min(shape[0][0], shape[1][1])):
+            return ("balanced pairs a B (m, r) with an A (r, n), r <= min(m, n) — two factors, the "
+                    "columns of the first matching the rows of the second (key 'B,A', in that order)")
         return None
 
     def project(self, x: Pair) -> Pair:
@@ -85,8 +87,15 @@ class BalancedManifold(Manifold):
     def transport(self, x: Pair, y: Pair, v: Pair) -> Pair:
         """Gradient-like v = (v_B, v_A) at x = (B, A) carried to y = (B R⁻¹, R A), a pair with
         the same product (y = project(x)): (v_B Rᵀ, R⁻ᵀ v_A), as gradients of L(BA) change
-        under the basis change. Used for the optimizer's first moments (moments="transport")."""
-        return push_through_basis_change(x[0], x[1], y[0], y[1], v[0], v[1])
+        under the basis change, then projected onto T_y. Used for the optimizer's first
+        moments (moments="transport").
+
+        A gradient of L(BA) at a balanced pair is already tangent (sym(BᵀG Aᵀ − BᵀG Aᵀ) = 0),
+        and it is pushed to the gradient at y exactly, so the projection only drops the normal
+        part {(BΛ, −ΛA): Λ symmetric} — directions that change the basis, not BA, which the
+        next projection undoes anyway — and makes the result tangent at y for any y and v."""
+        pushed = push_through_basis_change(x[0], x[1], y[0], y[1], v[0], v[1])
+        return balanced_tangent(y[0], y[1], *pushed)
 
     def random_point(self, shape: Sequence[Any], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> Pair:

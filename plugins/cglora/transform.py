@@ -22,6 +22,7 @@ class RiemannianPrecond(GradientTransform):
 
     name = "riemannian_precond"
     requires = frozenset({"A", "B"})
+    exclusive = "gram_preconditioner"  # not to be chained with lorapro or scaled_gd
 
     def __init__(self, reg: float = 1e-2):
         if not float(reg) >= 0:

@@ -8,8 +8,9 @@ of the user's one backward pass and truncates the core by a singular-value toler
 AdaLoRA's smoothed sensitivity under its cubic budget schedule. Both resize through the
 optimizer, which carries the moments into the new bases.
 
-Registers rank controllers `geolora`, `adalora`, initializer `zero_core`, recipes
-`geolora` and `adalora`.
+Registers rank controllers `geolora`, `adalora`, gradient transform `orth_reg` (AdaLoRA's
+orthogonality regulariser, for Euclidean U, V), initializer `zero_core`, recipes `geolora`
+and `adalora`.
 """
 
 from geopeft import Recipe, hookimpl
@@ -17,12 +18,18 @@ from geopeft import Recipe, hookimpl
 from .adalora import AdaLoRAController
 from .controller import GeoLoRAController
 from .initializers import ZeroCoreInit
+from .orthogonality import OrthogonalityPenalty
 
 
 @hookimpl
 def register_rank_controllers(register):
     register("geolora", GeoLoRAController)
     register("adalora", AdaLoRAController)
+
+
+@hookimpl
+def register_gradient_transforms(register):
+    register("orth_reg", OrthogonalityPenalty)
 
 
 @hookimpl

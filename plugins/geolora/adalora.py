@@ -16,6 +16,7 @@ from torch import Tensor
 from geopeft import ConfigError, RankChange, RankController
 from geopeft.kernels import resize_along
 
+from .controller import check_basis_manifolds
 from .history import RankHistory
 
 FACTORS = ("U", "S", "V")
@@ -66,6 +67,7 @@ class AdaLoRAController(RankController):
             raise ConfigError("rank controller 'adalora' needs total_steps= (the number of optimizer "
                               "steps of the run) for its budget schedule")
         for name, a in adapters:
+            check_basis_manifolds(self.name, name, a)
             if a.S.dim() != 1:
                 raise ConfigError(f"rank controller 'adalora' scores triplets (U[:, i], S[i], V[:, i]) and "
                                   f"needs a diagonal S, but the adapter on {name!r} has a full S: pass "

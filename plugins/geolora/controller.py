@@ -15,6 +15,25 @@ from geopeft.kernels import augment, basis_directions, core_svd, stack_fp32, tol
 from .history import RankHistory
 
 
+def check_basis_manifolds(controller: str, layer: str, adapter: Adapter) -> None:
+    """A rank controller that keeps, drops and adds columns of U and V keeps them on their
+    manifold only if it is 'stiefel' (a subset of orthonormal columns stays orthonormal,
+    and new columns are written orthonormal) or flat: refuse any other (e.g. 'oblique',
+    whose rows lose their unit norm when a column goes). The core S it rewrites must be flat."""
+    manifolds = adapter.factor_manifolds()
+    other = [f"{f} on {m.name!r}" for f in ("U", "V") if (m := manifolds.get(f)) is not None
+             and not (m.is_euclidean or m.name == "stiefel")]
+    if other:
+        raise ConfigError(f"rank controller {controller!r} changes the columns of U and V, which keeps "
+                          f"them on 'stiefel' or 'euclidean' only, but the adapter on {layer!r} has "
+                          f"{', '.join(other)}: put U and V on 'stiefel' or leave them at the default")
+    core = manifolds.get("S")
+    if core is not None and not core.is_euclidean:
+        raise ConfigError(f"rank controller {controller!r} rewrites the core S at every rank change "
+                          f"(an arbitrary r × r matrix), but the adapter on {layer!r} has S on "
+                          f"{core.name!r}: leave S on 'euclidean'")
+
+
 class GeoLoRAController(RankController):
     """Ranks of ΔW = s·U S Vᵀ (the `usv` adapter, full S) adapted from the one backward
     pass the user ran. A cycle of `period` optimizer steps:
@@ -69,6 +88,7 @@ class GeoLoRAController(RankController):
     # ------------------------------------------------------------------ checks
     def check_optimizer(self, optimizer, adapters):
         for name, a in adapters:
+            check_basis_manifolds(self.name, name, a)
             if a.S.dim() != 2:
                 raise ConfigError(f"rank controller 'geolora' needs a full core S (its augmented core "
                                   f"is not diagonal), but the adapter on {name!r} has diag_s=True: "
@@ -98,10 +118,11 @@ class GeoLoRAController(RankController):
         self.history.start({n: a.rank for n, a in adapters})
         augmenting, _ = self._phase(step + 1)
         self._captured = {}
+        # the optimizer moves S, and (train_bases) rewrites U's and V's gradients in place
+        keep = (lambda t: t.detach().clone()) if self.train_bases else (lambda t: t.detach())
         for _, a in adapters:
             if augmenting and a.U.grad is not None and a.V.grad is not None:
-                self._captured[id(a)] = (a.U.grad.detach().clone(), a.V.grad.detach().clone(),
-                                         a.S.detach().clone())
+                self._captured[id(a)] = (keep(a.U.grad), keep(a.V.grad), a.S.detach().clone())
             if not self.train_bases:
                 a.U.grad = None  # the optimizer and the geometric stages leave U, V alone
                 a.V.grad = None

@@ -18,6 +18,7 @@ def register_adapters(register):
 
 @hookimpl
 def register_methods(register):
-    register("lora", Recipe(name="lora", description="LoRA: ΔW = (α/r)·B·A, Kaiming A, zero B"))
+    # lr: the best of {1e-3, 3e-3, 1e-2} by validation accuracy on MiniLM (docs/benchmarks.md)
+    register("lora", Recipe(name="lora", lr=3e-3, description="LoRA: ΔW = (α/r)·B·A, Kaiming A, zero B"))
     register("rslora", Recipe(name="rslora", options={"rslora": True},
                               description="rank-stabilised LoRA: scaling α/√r"))

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from geopeft import Adapter
 from geopeft.builtins import lora_init_
+from geopeft.kernels import lora_linear
 
 
 class LoRAAdapter(Adapter):
@@ -38,6 +39,15 @@ class LoRAAdapter(Adapter):
         a, b = self.in_input_dtype(x, self.A, self.B)
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
         return self.ops.add_lowered(base_out, h, b, self.scaling)
+
+    def fused_forward(self, x: Tensor) -> Tensor | None:
+        """base(x) + s·(x Aᵀ) Bᵀ as one autograd function (`geopeft.kernels.lora_linear`:
+        backward keeps only x and x Aᵀ) for a plain nn.Linear base without hooks, x in
+        W's dtype (the factors are cast to it), no active dropout and no autocast; else None."""
+        if not self.can_fuse_linear(x):
+            return None
+        a, b = self.in_input_dtype(x, self.A, self.B)
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, self.scaling)
 
     def delta_weight(self) -> Tensor:
         return self.ops.to_weight_layout(self.scaling * (self.B @ self.A), self.base_layer)

@@ -39,6 +39,7 @@ class LoRAProTransform(GradientTransform):
 
     name = "lorapro"
     requires = frozenset({"A", "B"})
+    exclusive = "gram_preconditioner"  # (BᵀB)⁻¹, (AAᵀ)⁻¹ already: no second such transform
 
     def __init__(self, mode: str = "efficient", delta: float = DEFAULT_DELTA,
                  betas: Sequence[float] | None = None, eps: float | None = None,

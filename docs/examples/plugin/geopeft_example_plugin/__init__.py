@@ -39,6 +39,7 @@ class ScaledGD(geopeft.GradientTransform):
 
     name = "scaled_gd"
     requires = frozenset({"A", "B"})
+    exclusive = "gram_preconditioner"  # not to be chained with another such (e.g. lorapro)
 
     def __init__(self, delta: float = 1e-6):
         if delta <= 0:
