@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -29,6 +30,10 @@ from geopeft.kernels import (
     tangent_project,
 )
 from geopeft.kernels import stiefel as stiefel_ops
+
+#: whether anything imported triton before a Triton kernel was chosen (conftest, pytest's
+#: plugins, `import geopeft`): it must not have
+TRITON_IMPORTED_BY_GEOPEFT = "triton" in sys.modules
 
 assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get(dispatch.ENV) == "triton", \
     "run through tests/test_kernels_triton.py (it sets TRITON_INTERPRET=1, GEOPEFT_KERNELS=triton)"
@@ -72,6 +77,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     assert torch.isfinite(a).all(), "an output element is NaN or Inf (unwritten?)"
     return float((a - b).norm() / b.norm())
+
+
+def test_import_geopeft_did_not_import_triton():
+    assert not TRITON_IMPORTED_BY_GEOPEFT
 
 
 def _pair(count, n, p, dtype, gen):
