@@ -9,7 +9,8 @@ steps (same lr for every method, weight decay 0) on the next 800 snippets, batch
 a seeded order; the validation loss is measured on 256 validation snippets at steps 0,
 10, 25 and 50. Every method starts from the same head (same seed) and sees the same
 batches. Methods: `lora` (the baseline), `cglora` (no shift: the model moves at step 0),
-`cglora-shift`, `lora-ga`, `pissa`.
+`cglora-shift`, `lora-ga`, `pissa`; on request `cglora-scale1` (the full Newton step,
+no scale search).
 
     .venv/bin/python benchmarks/cglora_minilm.py --json cglora_minilm.json
     .venv/bin/python benchmarks/cglora_minilm.py --methods lora,cglora --lr 1e-3
@@ -33,12 +34,14 @@ from init_cost import text_classifier  # noqa: E402
 from report import environment, write_report  # noqa: E402
 
 import geopeft  # noqa: E402
+from geopeft.model import find_state  # noqa: E402
 
 TARGETS = ["query", "value"]
 METHODS = {
     "lora": ("lora", {}),
     "cglora": ("cglora", {}),
     "cglora-shift": ("cglora", {"shift": True}),
+    "cglora-scale1": ("cglora", {"scale": 1.0}),  # the full Newton step, no scale search
     "lora-ga": ("lora-ga", {}),
     "pissa": ("pissa", {}),
 }
@@ -85,6 +88,7 @@ def run_method(name: str, base, calib, train, val, args) -> dict:
     geopeft.adapt(model, method, targets=TARGETS, rank=args.rank, alpha=2 * args.rank,
                   trainable=["classifier"], init_batches=calib, loss_fn=ce_loss, **extra)
     init_s = time.perf_counter() - t0
+    chosen = getattr(find_state(model).resolved.initializer, "chosen_scale", None)
     opt = geopeft.optimizer(model, torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
     model.train()
     curve, val_curve = [], {0: mean_loss(model, val)}
@@ -96,12 +100,12 @@ def run_method(name: str, base, calib, train, val, args) -> dict:
         curve.append(loss.item())
         if step in EVAL_AT:
             val_curve[step] = mean_loss(model, val)
-    return {"train_loss": curve, "val_loss": val_curve, "init_s": init_s}
+    return {"train_loss": curve, "val_loss": val_curve, "init_s": init_s, "chosen_scale": chosen}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "cglora-scale1"))
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
@@ -121,11 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = {name: run_method(name, base, calib, train, val, args) for name in names}
     print(f"lr {args.lr}, {args.steps} steps; validation loss at steps {', '.join(map(str, EVAL_AT))}")
     print(f"{'method':13s} " + " ".join(f"{'val@' + str(s):>8s}" for s in EVAL_AT)
-          + f" {'train last10':>12s} {'init s':>7s}")
+          + f" {'train last10':>12s} {'init s':>7s} {'scale':>6s}")
     for name, r in results.items():
         last = sum(r["train_loss"][-10:]) / len(r["train_loss"][-10:])
         print(f"{name:13s} " + " ".join(f"{r['val_loss'].get(s, float('nan')):8.4f}" for s in EVAL_AT)
-              + f" {last:12.4f} {r['init_s']:7.1f}")
+              + f" {last:12.4f} {r['init_s']:7.1f} {r['chosen_scale'] or '':>6}")
     report = {"benchmark": "cglora_minilm", "args": vars(args), "environment": environment(),
               "results": results}
     write_report(report, args.json)

@@ -14,6 +14,12 @@ G factors of n × p, float32:
   floor: max(bytes / copy bandwidth, FLOPs / matmul rate) with bytes = read x and new,
   write the result (3·G·n·p·4) and FLOPs = three p×p Grams and two products (10·G·n·p²).
 
+LoRA-Pro's adjusted gradients (`lorapro_adjust`) for G adapters of m × n at rank r:
+    loop-torch     per-adapter loop, torch kernels (the baseline)
+    torch          one batched call, torch kernels
+    triton         one batched call, Triton pair_grams / two_products (CUDA only)
+  floor: bytes = read A, B and their gradients, write the two results (6·G·(m+n)·r·4).
+
 Fused LoRA linear, forward + backward of one layer (T tokens, n → m, rank r; W frozen,
 x requires grad), in the input dtype:
     base           the frozen base layer alone (F.linear: the forward and the dx GEMM)
@@ -23,8 +29,8 @@ x requires grad), in the input dtype:
   ratio to base: the goal on a GPU is ≤ 1.10; floor: the base's two GEMMs' FLOPs over
   the matmul rate. (No per-layer loop here: one layer is the unit.)
 
-The thin products alone (GEOPEFT_KERNELS=torch vs triton): `stiefel_step_grams`,
-`two_products`, `shrink`, `expand_`.
+The dispatched ops alone (GEOPEFT_KERNELS=torch vs triton): `pair_grams` (as the
+Stiefel step calls it), `two_products`, `shrink`, `expand_`.
 
 Each Triton result is checked against torch before timing (relative error ≤ 1e-4 for
 float32, 1e-2 for bf16). The last lines say, per dispatched op, whether Triton was
@@ -47,11 +53,20 @@ import torch.nn.functional as F
 from report import environment, write_report
 from torch import Tensor
 
-from geopeft.kernels import dispatch, lora_linear, polar, random_stiefel, tangent_project
+from geopeft.kernels import (
+    dispatch,
+    lora_linear,
+    lorapro_adjust,
+    polar,
+    random_stiefel,
+    tangent_project,
+)
 from geopeft.kernels.lora import expand_, shrink
-from geopeft.kernels.stiefel import polar_retract_step, stiefel_step_grams, two_products
+from geopeft.kernels.products import two_products
+from geopeft.kernels.stiefel import polar_retract_step, stiefel_step_grams
 
 STIEFEL_CASES = {"cpu": [(72, 384, 8), (24, 1536, 32)], "cuda": [(224, 4096, 32), (64, 14336, 32)]}
+LORAPRO_CASES = {"cpu": [(36, 384, 384, 8)], "cuda": [(224, 4096, 4096, 16)]}
 LORA_CASES = {"cpu": [(2048, 384, 384, 8, "float32")],
               "cuda": [(8192, 4096, 4096, 16, "bfloat16"), (8192, 4096, 4096, 16, "float32")]}
 
@@ -119,7 +134,7 @@ def stiefel_rows(count: int, n: int, p: int, device: str, repeats: int, floors: 
     }
     ma, mb = (torch.randn(count, p, p, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
     tile = count * n * p * 4
-    ops = {"stiefel_step_grams": (lambda: stiefel_step_grams(x, new, 1.0), 2 * tile),  # (fn, bytes)
+    ops = {"pair_grams": (lambda: stiefel_step_grams(x, new, 1.0), 2 * tile),  # (fn, bytes)
            "two_products": (lambda: two_products(x, ma, new, mb), 3 * tile)}
     if triton:
         ways["triton"] = with_kernels("triton", lambda: polar_retract_step(x, new))
@@ -137,6 +152,25 @@ def stiefel_rows(count: int, n: int, p: int, device: str, repeats: int, floors: 
             more, faster[op] = triton_vs_torch(f"{op} {count}x{n}x{p}", fn, nbytes / bandwidth, repeats, device)
             rows += more
     return rows, faster
+
+
+def lorapro_rows(count: int, m: int, n: int, r: int, device: str, repeats: int,
+                 floors: tuple[float, float], triton: bool) -> tuple[list[tuple], dict]:
+    gen = torch.Generator().manual_seed(2)
+    A, ga = (torch.randn(count, r, n, generator=gen).to(device) for _ in range(2))
+    B, gb = (torch.randn(count, m, r, generator=gen).to(device) for _ in range(2))
+    ways = {"loop-torch": with_kernels("torch", lambda: [lorapro_adjust(A[i:i + 1], B[i:i + 1], ga[i:i + 1],
+                                                                        gb[i:i + 1], 2.0) for i in range(count)]),
+            "torch": with_kernels("torch", lambda: lorapro_adjust(A, B, ga, gb, 2.0))}
+    if triton:
+        ways["triton"] = with_kernels("triton", lambda: lorapro_adjust(A, B, ga, gb, 2.0))
+        err = max(rel(g, t) for g, t in zip(ways["triton"](), ways["torch"]()))
+        assert err < 1e-4, f"triton LoRA-Pro disagrees with torch: {err:.2e}"
+    times = timed(ways, repeats, device)
+    floor = 6 * count * (m + n) * r * 4 / floors[0]
+    base = statistics.median(times["loop-torch"])
+    return [(f"lorapro {count}x{m}x{n} r{r}", way, statistics.median(ts), base / statistics.median(ts),
+             floor / statistics.median(ts)) for way, ts in times.items()], {}
 
 
 def triton_vs_torch(label: str, fn: Callable[[], object], floor: float, repeats: int,
@@ -215,6 +249,8 @@ def main() -> None:
         more, fast = stiefel_rows(*case, device, args.repeats, floors, triton)
         rows += more
         faster.update(fast)
+    for case in LORAPRO_CASES[device]:
+        rows += lorapro_rows(*case, device, args.repeats, floors, triton)[0]
     for case in LORA_CASES[device]:
         more, fast = lora_rows(*case, device, args.repeats, floors, triton)
         rows += more
@@ -222,7 +258,7 @@ def main() -> None:
     print(f"\n{'case':<34}{'way':<18}{'median ms':>11}{'ratio':>9}{'of floor':>10}")
     for case, way, med, ratio, frac in rows:
         print(f"{case:<34}{way:<18}{med * 1e3:>11.3f}{ratio:>9.2f}{frac:>10.2f}")
-    print("\nratio: stiefel rows = loop-svd time / this (> 1: faster); lora rows = this / base (goal <= 1.10);"
+    print("\nratio: stiefel rows = loop-svd time / this (> 1: faster); lorapro rows = loop-torch time / this; lora rows = this / base (goal <= 1.10);"
           " single-op rows = torch time / this. of floor: floor time / this (1 = at the floor)")
     if triton:
         print("FASTER_ON_CUDA = " + repr({op: faster.get(op, False) for op in dispatch.FASTER_ON_CUDA}))

@@ -222,6 +222,16 @@ class Adapter(nn.Module, abc.ABC):
         `forward`. The default has none."""
         return None
 
+    def can_fuse_linear(self, x: Tensor) -> bool:
+        """Whether base(x) + update may run as one `geopeft.kernels.lora_linear`: a plain
+        nn.Linear base without hooks, floating x in its weight's dtype, no dropout active
+        (`dropout_p` while training) and no autocast."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+                and not (self.training and getattr(self, "dropout_p", 0.0) > 0)
+                and x.is_floating_point() and x.dtype == base.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
+
     @abc.abstractmethod
     def to_lora(self) -> tuple[Tensor, Tensor]:
         """(B (m, r), A (r, n)) with `scaling * B @ A` equal to ΔW as an (m, n) matrix."""
@@ -315,7 +325,9 @@ class GradientTransform(abc.ABC):
     #: A family of transforms that must not be chained with each other: a recipe with two of
     #: one family is refused. "gram_preconditioner": a factor's gradient divided by the other
     #: factor's Gram matrix (LoRA-Pro, scaled GD) — chained, it is divided twice and the step
-    #: blows up as B → 0. "" (default): chains with anything.
+    #: blows up as B → 0; its outputs are preconditioned steps, not gradients, so
+    #: moments="transport" through a coupled projection's change of basis is refused with
+    #: it. "" (default): chains with anything.
     exclusive: ClassVar[str] = ""
 
     def init_state(self, adapter: Adapter) -> dict[str, Tensor]:

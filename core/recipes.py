@@ -215,6 +215,7 @@ def check_compatible(resolved: Resolved) -> None:
                 f"GradientTransform.exclusive); keep one of them")
         if t.exclusive:
             family[t.exclusive] = n
+    _check_moment_transport(resolved)
     parts = [("gradient transform", n, t) for n, t in zip(recipe.transforms, resolved.transforms)]
     parts.append(("initializer", recipe.initializer, resolved.initializer))
     parts.append(("rank controller", recipe.rank_controller, resolved.rank_controller))
@@ -224,6 +225,24 @@ def check_compatible(resolved: Resolved) -> None:
             raise IncompatibleComponentsError(
                 f"{label} {name!r} requires factors {', '.join(sorted(part.requires))}, but adapter "
                 f"{adapter!r} has factors {have_text}")
+
+
+def _check_moment_transport(resolved: Resolved) -> None:
+    """moments="transport" through a coupled projection (a change of basis among factors,
+    e.g. `balanced`) carries first moments as gradients (g_B Rᵀ, R⁻ᵀ g_A); after a
+    "gram_preconditioner" transform they are preconditioned steps, which change the other
+    way (δB R⁻¹, R δA): pushed as gradients they grow by R² and training blows up."""
+    recipe = resolved.recipe
+    if recipe.moments != "transport":
+        return
+    steps = [n for n, t in zip(recipe.transforms, resolved.transforms) if t.exclusive == "gram_preconditioner"]
+    bases = [k for k, m in resolved.manifolds.items() if m.coupled and m.post_step == "project"]
+    if steps and bases:
+        raise IncompatibleComponentsError(
+            f"moments='transport' carries first moments through the change of basis of manifold "
+            f"{recipe.manifolds.get(bases[0], bases[0])!r} on {bases[0]!r} as gradients, but after "
+            f"{steps[0]!r} they are preconditioned steps, which change the other way (pushed as "
+            f"gradients they grow until training diverges): use moments='keep' with {steps[0]!r}")
 
 
 # ---------------------------------------------------------------------------- helpers

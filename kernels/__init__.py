@@ -15,6 +15,7 @@ from .dispatch import report as kernel_report
 from .geolora import augment, basis_directions, core_svd, tolerance_ranks
 from .lora import LoRALinearFunction, lora_linear
 from .lorapro import equivalent_gradient, lorapro_adjust, lorapro_equivalent_gradient
+from .products import pair_grams, two_products
 from .stiefel import (
     POLAR_METHODS,
     canonical_rgrad,
@@ -29,7 +30,6 @@ from .stiefel import (
     stiefel_step_grams,
     sym,
     tangent_project,
-    two_products,
 )
 
 __all__ = [
@@ -40,5 +40,5 @@ __all__ = [
     "polar_retract", "polar_retract_step", "push_through_basis_change", "qr_retract", "random_stiefel",
     "resize_along",
     "stack_fp32", "stiefel_step_grams", "sym", "tangent_project", "two_products", "write_stacked",
-    "LoRALinearFunction", "kernel_report", "lora_linear",
+    "LoRALinearFunction", "kernel_report", "lora_linear", "pair_grams",
 ]

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .products import two_products
+
 
 class Balanced(NamedTuple):
     """The result of `balance`: the new pair and which members were balanced."""
@@ -83,8 +85,8 @@ def balance(B: Tensor, A: Tensor, rtol: float | None = None) -> Balanced:
     turn = x @ yh                          # Oᵀ = X Yᵀ
     k_b = (u * root.unsqueeze(-2)) @ turn  # B' = Q_B U √Σ X Yᵀ
     k_a = turn.mT @ (root.unsqueeze(-1) * vh)  # A' = Y Xᵀ √Σ Vᵀ Q_Aᵀ
-    new_b = q_b @ k_b.to(B.dtype)
-    new_a = k_a.to(A.dtype) @ q_a.mT
+    new_b = two_products(q_b, k_b)                 # the thin products: Triton on CUDA
+    new_a = two_products(q_a, k_a.mT).mT
     keep = full[..., None, None]
     return Balanced(torch.where(keep, new_b, B), torch.where(keep, new_a, A), full)
 

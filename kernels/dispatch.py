@@ -30,7 +30,7 @@ MODES = ("auto", "torch", "triton")
 #: `benchmarks/kernels.py --device cuda` (docs/benchmarks.md). No GPU run is recorded
 #: yet, so "auto" keeps every op on torch; "triton" forces the kernels.
 FASTER_ON_CUDA: dict[str, bool] = {
-    "stiefel_step_grams": False,
+    "pair_grams": False,
     "two_products": False,
     "lora_shrink": False,
     "lora_expand": False,

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .products import pair_grams, two_products
+
 #: default relative eigenvalue cutoff: ~10·r·eps(float32) for r = 8; below it
 #: float32 eigenvalues of a Gram matrix are rounding noise
 DEFAULT_DELTA = 1e-6
@@ -79,8 +81,13 @@ def gram_eigs(A: Tensor, B: Tensor, delta: float = DEFAULT_DELTA) -> tuple[_Eig,
     compute dtype; pass it as `eigs=` to both functions below to decompose only once."""
     dtype = compute_dtype(A.dtype)
     A, B = A.to(dtype), B.to(dtype)
-    g = A.shape[0]
-    both = _eig(torch.cat([B.mT @ B, A @ A.mT]), delta)
+    return eigs_of(B.mT @ B, A @ A.mT, delta)
+
+
+def eigs_of(P: Tensor, Q: Tensor, delta: float = DEFAULT_DELTA) -> tuple[_Eig, _Eig]:
+    """Eigen-data of the Gram matrices P, Q (G, r, r), one batched eigh over (2G, r, r)."""
+    g = P.shape[0]
+    both = _eig(torch.cat([P, Q]), delta)
     return (_Eig(both.vals[:g], both.vecs[:g], both.inv[:g]),
             _Eig(both.vals[g:], both.vecs[g:], both.inv[g:]))
 
@@ -102,17 +109,27 @@ def lorapro_adjust(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling
                    delta: float = DEFAULT_DELTA, eigs: tuple[_Eig, _Eig] | None = None) -> Adjusted:
     """LoRA-Pro's adjusted gradients for stacked factors A (G, r, n), B (G, m, r) and their
     gradients; `scaling` is a float or a (G,) tensor. Inputs are upcast to float32 (float64
-    kept); the result is in that compute dtype."""
+    kept); the result is in that compute dtype.
+
+    Two passes over each side's thin data, r × r work in between: `pair_grams` gives
+    BᵀB, Bᵀg_B (over m) and AAᵀ, A g_Aᵀ (over n); then, with P⁺c = P⁺/s², Q⁺c = Q⁺/s²,
+        ĝ_A = P⁺c·g_A + X·A                         (`two_products` on g_Aᵀ, Aᵀ)
+        ĝ_B = g_B·Q⁺c + B·(−P⁺(Bᵀg_B)Q⁺c − X)        (`two_products` on g_B, B)
+    which is (1/s²)(I − B P⁺ Bᵀ) g_B Q⁺ − B X of the module docstring, expanded."""
     dtype = compute_dtype(A.dtype)
     A, B, ga, gb = (t.to(dtype) for t in (A, B, grad_A, grad_B))
     c = 1.0 / _scales(scaling, A)  # 1/s, applied twice so that huge or tiny s cannot overflow
-    p, q = eigs or gram_eigs(A, B, delta)
-    p_inv, q_inv = p.pinv(), q.pinv()
-    a = (p_inv @ (ga * c)) * c                     # (1/s²) P⁺ g_A            (G, r, n)
-    h = ((gb * c) @ q_inv) * c                     # (1/s²) g_B Q⁺            (G, m, r)
-    h = h - B @ (p_inv @ (B.mT @ h))               # (I − B P⁺ Bᵀ) · h
-    x = sylvester_eig(p, q, -(a @ A.mT))           # P X + X Q = −(1/s²) P⁺ g_A Aᵀ
-    return Adjusted(a + x @ A, h - B @ x, x)
+    a_t, ga_t = A.mT, ga.mT                        # (G, n, r) views
+    bb, bgb, _ = (t.to(dtype) for t in pair_grams(B, gb))       # BᵀB, Bᵀg_B
+    aa, aga, _ = (t.to(dtype) for t in pair_grams(a_t, ga_t))   # AAᵀ, A g_Aᵀ
+    p, q = eigs or eigs_of(bb, aa, delta)
+    p_inv = p.pinv()
+    pc = (p_inv * c) * c                           # P⁺/s²                    (G, r, r)
+    qc = (q.pinv() * c) * c                        # Q⁺/s²
+    x = sylvester_eig(p, q, -(pc @ aga.mT))        # P X + X Q = −(1/s²) P⁺ g_A Aᵀ
+    grad_a = two_products(ga_t, pc.mT, a_t, x.mT).mT
+    grad_b = two_products(gb, qc, B, -(p_inv @ bgb @ qc) - x)
+    return Adjusted(grad_a, grad_b, x)
 
 
 def equivalent_gradient(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,

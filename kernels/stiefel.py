@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import triton_module, use_triton
+from .products import pair_grams, two_products, wide_dtype
 
 POLAR_METHODS = ("gram", "svd", "newton_schulz")
 
@@ -53,9 +53,9 @@ def polar(y: Tensor, method: str = "gram", iters: int = 40, tol: float | None = 
     """
     if method == "svd":
         q, r = torch.linalg.qr(y)
-        p, _, wh = torch.linalg.svd(r.to(_wide(r)))
+        p, _, wh = torch.linalg.svd(r.to(wide_dtype(r)))
         return q @ (p @ wh).to(y.dtype)
-    gram = (y.mT @ y).to(_wide(y))
+    gram = (y.mT @ y).to(wide_dtype(y))
     if method == "gram":
         w, q = torch.linalg.eigh(gram)
         w = w.clamp_min(torch.finfo(w.dtype).tiny)
@@ -63,11 +63,6 @@ def polar(y: Tensor, method: str = "gram", iters: int = 40, tol: float | None = 
     if method == "newton_schulz":
         return y @ inv_sqrt_newton_schulz(gram, iters, tol).to(y.dtype)
     raise ValueError(f"unknown polar method {method!r}; choose one of {', '.join(POLAR_METHODS)}")
-
-
-def _wide(t: Tensor) -> torch.dtype:
-    """float64 for the small p×p work (float32 on MPS, which has no float64)."""
-    return torch.float32 if t.device.type == "mps" else torch.float64
 
 
 def inv_sqrt_newton_schulz(c: Tensor, iters: int = 40, tol: float | None = None) -> Tensor:
@@ -93,41 +88,8 @@ def polar_retract(x: Tensor, u: Tensor, method: str = "gram") -> Tensor:
 
 def stiefel_step_grams(x: Tensor, new: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """The three p×p products of a Stiefel step, (xᵀx, xᵀΔ, ΔᵀΔ) with Δ = scale·(new − x),
-    for stacks x, new (G, n, p); float64 (float32 on MPS) (G, p, p). The n×p products run
-    in float32 (x's dtype when wider). On CUDA the Triton kernel reads x and new once
-    (`geopeft.kernels.triton.stiefel.step_grams`)."""
-    if use_triton("stiefel_step_grams", x, new, supported=_triton_stiefel_ok(x, new)):
-        return triton_module("stiefel").step_grams(x, new, scale)
-    wide = _wide(x)
-    x, new = _at_least_fp32(x), _at_least_fp32(new)
-    delta = new - x
-    if scale != 1.0:
-        delta = delta * scale
-    return (x.mT @ x).to(wide), (x.mT @ delta).to(wide), (delta.mT @ delta).to(wide)
-
-
-def two_products(x: Tensor, ma: Tensor, y: Tensor, mb: Tensor) -> Tensor:
-    """x·ma + y·mb for stacks x, y (G, n, p) and ma, mb (G, p, p), in x's dtype (float32
-    math at least). On CUDA the Triton kernel reads each n×p tile once and writes once."""
-    if use_triton("two_products", x, y, supported=_triton_stiefel_ok(x, y)):
-        return triton_module("stiefel").two_products(x, ma, y, mb)
-    work = _at_least_fp32(x).dtype
-    return torch.baddbmm(x.to(work) @ ma.to(work), y.to(work), mb.to(work)).to(x.dtype)
-
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-#: the widest p the Triton Stiefel kernels hold in registers (three p×p float32 accumulators)
-TRITON_MAX_P = 64
-
-
-def _triton_stiefel_ok(x: Tensor, y: Tensor) -> bool:
-    """Whether the Triton Stiefel kernels take stacks x, y: 3-d, same shape and dtype,
-    p ≤ TRITON_MAX_P, float32 / bfloat16 / float16 (float64 stays on torch)."""
-    return (x.dim() == 3 and x.shape == y.shape and x.dtype == y.dtype and x.shape[-1] <= TRITON_MAX_P
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    for stacks x, new (G, n, p): `pair_grams(x, new, scale, difference=True)`."""
+    return pair_grams(x, new, scale, difference=True)
 
 
 def polar_retract_step(x: Tensor, new: Tensor, scale: float = 1.0, method: str = "gram") -> Tensor:

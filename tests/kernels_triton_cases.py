@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +20,20 @@ import torch
 from torch import nn
 
 import geopeft
-from geopeft.kernels import dispatch, lora_linear, polar, random_stiefel, tangent_project
+from geopeft.kernels import (
+    balance,
+    dispatch,
+    lora_linear,
+    lorapro_adjust,
+    polar,
+    random_stiefel,
+    tangent_project,
+)
 from geopeft.kernels import stiefel as stiefel_ops
+
+#: whether anything imported triton before a Triton kernel was chosen (conftest, pytest's
+#: plugins, `import geopeft`): it must not have
+TRITON_IMPORTED_BY_GEOPEFT = "triton" in sys.modules
 
 assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get(dispatch.ENV) == "triton", \
     "run through tests/test_kernels_triton.py (it sets TRITON_INTERPRET=1, GEOPEFT_KERNELS=triton)"
@@ -32,7 +45,7 @@ DTYPES = list(TOL)
 @pytest.fixture(scope="module")
 def tk():
     return SimpleNamespace(**{m: importlib.import_module(f"geopeft.kernels.triton.{m}")
-                              for m in ("common", "stiefel", "lora")})
+                              for m in ("common", "products", "lora")})
 
 
 @pytest.fixture
@@ -66,6 +79,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def test_import_geopeft_did_not_import_triton():
+    assert not TRITON_IMPORTED_BY_GEOPEFT
+
+
 def _pair(count, n, p, dtype, gen):
     x = random_stiefel((count, n, p), generator=gen)
     new = x + 0.05 * torch.randn(x.shape, generator=gen)
@@ -74,11 +91,13 @@ def _pair(count, n, p, dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 37, 5), (2, 70, 33)])  # one split; two splits, p > 32
-def test_step_grams_kernel(tk, poisoned, dtype, shape):
+@pytest.mark.parametrize("difference", [True, False])
+def test_pair_grams_kernel(tk, poisoned, dtype, shape, difference):
     gen = torch.Generator().manual_seed(shape[2])
     x, new = _pair(*shape, dtype, gen)
-    got = tk.stiefel.step_grams(x, new, 0.7)
-    xd, dd = x.double(), 0.7 * (new.double() - x.double())
+    got = tk.products.pair_grams(x, new, 0.7, difference)
+    xd = x.double()
+    dd = 0.7 * (new.double() - xd if difference else new.double())
     for g, ref in zip(got, (xd.mT @ xd, xd.mT @ dd, dd.mT @ dd)):
         assert g.shape == ref.shape and rel(g, ref) < 1e-5  # float32 math whatever the input
     assert poisoned and (poisoned[0].shape[2] > 1) == (shape[1] == 70)  # split-n reduction used
@@ -90,9 +109,11 @@ def test_two_products_kernel(tk, poisoned, dtype):
     x = torch.randn(3, 9, 150, generator=gen).mT.to(dtype)  # (3, 150, 9), not contiguous
     y = torch.randn(3, 150, 9, generator=gen).to(dtype)
     ma, mb = (torch.randn(3, 9, 9, generator=gen, dtype=torch.float64) for _ in range(2))
-    got = tk.stiefel.two_products(x, ma, y, mb)
+    got = tk.products.two_products(x, ma, y, mb)
     ref = x.double() @ ma + y.double() @ mb
     assert got.dtype == dtype and rel(got, ref) < TOL[dtype]
+    alone = tk.products.two_products(x, ma)            # one product: y is None
+    assert rel(alone, x.double() @ ma) < TOL[dtype]
 
 
 @pytest.mark.parametrize("cond", [1e2, 1e4])
@@ -187,3 +208,30 @@ def test_stella_step_on_triton_equals_torch(tk, poisoned, torch_mode):
     assert poisoned  # the triton run used the kernels
     for k in ends[0]:
         torch.testing.assert_close(ends[0][k], ends[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_lorapro_adjust_on_triton_equals_torch(tk, poisoned, torch_mode):
+    """LoRA-Pro's adjusted gradients through the Triton pair_grams / two_products (forced)
+    equal the torch path: 3 adapters, m = 40, n = 29, r = 5, per-adapter scalings."""
+    gen = torch.Generator().manual_seed(5)
+    A, ga = (torch.randn(3, 5, 29, generator=gen) for _ in range(2))
+    B, gb = (torch.randn(3, 40, 5, generator=gen) for _ in range(2))
+    s = torch.tensor([0.5, 2.0, 1.0])
+    got = lorapro_adjust(A, B, ga, gb, s)
+    assert len(poisoned) == 4  # two Gram passes, two product passes
+    with torch_mode:
+        ref = lorapro_adjust(A, B, ga, gb, s)
+    for g, r in zip(got, ref):
+        assert rel(g, r) < 1e-5
+
+
+def test_balance_on_triton_equals_torch(tk, poisoned, torch_mode):
+    """BaLoRA's balancing with its two thin products on Triton (forced) equals the torch
+    path: 3 pairs, m = 40, n = 29, r = 5."""
+    gen = torch.Generator().manual_seed(6)
+    B, A = torch.randn(3, 40, 5, generator=gen), torch.randn(3, 5, 29, generator=gen)
+    got = balance(B, A)
+    assert len(poisoned) == 2
+    with torch_mode:
+        ref = balance(B, A)
+    assert rel(got.B, ref.B) < 1e-5 and rel(got.A, ref.A) < 1e-5 and bool(got.full_rank.all())

@@ -298,3 +298,25 @@ def test_data_aware_misuse_is_a_clear_error():
         geopeft.adapt(copy.deepcopy(model), "cglora", targets=["0"], rank=RANK, init_batches=batches,
                       loss_fn=loss_fn, damping=-1.0)
     assert not geopeft.adapters(model)
+
+
+def test_whitened_gradient_singular_values_are_canonical_correlations():
+    """Docs claim: for one batch and no damping, M = L_G⁻¹ ∇W L_A⁻ᵀ has as singular values
+    the canonical correlations between the rows' output gradients δ_t and inputs x_t
+    (the factor T cancels), so each is at most 1 and a layer predicts at most r/2."""
+    from geopeft.plugins.cglora.lowrank import _solve_left, damped_factor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4))
+    geopeft.adapt(model, "lora", targets=["0"], rank=1)
+    x, y = torch.randn(30, 5), torch.randn(30, 4)
+    st = geopeft.calibrate(model, geopeft.adapters(model), [(x, y)],
+                           lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))["0"]
+    lg, la = damped_factor(st.output_moment, 0.0), damped_factor(st.input_moment, 0.0)
+    whitened = _solve_left(la, _solve_left(lg, st.grad, transpose=False).mT, transpose=False).mT
+    delta = (model[0].base_layer(x) - y).detach()  # ∝ δ_t
+    q_d, _ = torch.linalg.qr(delta.double())       # (T, m): basis of the δ columns
+    q_x, _ = torch.linalg.qr(x.double())           # (T, n)
+    canonical = torch.linalg.svdvals(q_d.T @ q_x)
+    torch.testing.assert_close(torch.linalg.svdvals(whitened).double(), canonical, rtol=1e-4, atol=1e-5)
+    assert canonical.max() <= 1 + 1e-9

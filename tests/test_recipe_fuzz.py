@@ -142,3 +142,24 @@ def test_a_rank_controller_refuses_bases_it_cannot_keep_on_their_manifold():
     with pytest.raises(geopeft.ConfigError, match="rank controller 'geolora' changes the columns of U "
                                                   "and V.*has V on 'oblique'"):
         geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2)
+    # and S on stiefel: the controller's new cores are not orthonormal (NaN losses by step 3)
+    model = geopeft.adapt(TinyNet(), "geolora", targets=["ffn.2"], rank=2, manifold={"S": "stiefel"})
+    with pytest.raises(geopeft.ConfigError, match="rewrites the core S .* has S on 'stiefel'"):
+        geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2)
+
+
+def test_moment_transport_through_a_basis_change_refuses_preconditioned_steps():
+    """Found by the fuzzer: balanced pairs + lorapro + moments="transport" under SGD with
+    momentum went 1.35 → inf in three steps: the push (g_B Rᵀ, R⁻ᵀ g_A) is right for
+    gradients, but LoRA-Pro's outputs are preconditioned steps, which change as
+    (δB R⁻¹, R δA). The combination is refused; moments="keep" trains."""
+    kw = {"targets": ["value", "ffn.0"], "rank": 1, "transforms": ["lorapro"], "project_every": 2}
+    with pytest.raises(geopeft.IncompatibleComponentsError,
+                       match="moments='transport' carries first moments .* 'balanced' on 'B,A' as "
+                             "gradients, but after 'lorapro'"):
+        geopeft.adapt(TinyNet(), "balora", moments="transport", **kw)
+    torch.manual_seed(1)
+    model = geopeft.adapt(TinyNet(), "balora", **kw)
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=1e-2, momentum=0.9)
+    losses = train(model, opt, tiny_regression(), 6)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

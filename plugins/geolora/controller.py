@@ -19,7 +19,7 @@ def check_basis_manifolds(controller: str, layer: str, adapter: Adapter) -> None
     """A rank controller that keeps, drops and adds columns of U and V keeps them on their
     manifold only if it is 'stiefel' (a subset of orthonormal columns stays orthonormal,
     and new columns are written orthonormal) or flat: refuse any other (e.g. 'oblique',
-    whose rows lose their unit norm when a column goes)."""
+    whose rows lose their unit norm when a column goes). The core S it rewrites must be flat."""
     manifolds = adapter.factor_manifolds()
     other = [f"{f} on {m.name!r}" for f in ("U", "V") if (m := manifolds.get(f)) is not None
              and not (m.is_euclidean or m.name == "stiefel")]
@@ -27,6 +27,11 @@ def check_basis_manifolds(controller: str, layer: str, adapter: Adapter) -> None
         raise ConfigError(f"rank controller {controller!r} changes the columns of U and V, which keeps "
                           f"them on 'stiefel' or 'euclidean' only, but the adapter on {layer!r} has "
                           f"{', '.join(other)}: put U and V on 'stiefel' or leave them at the default")
+    core = manifolds.get("S")
+    if core is not None and not core.is_euclidean:
+        raise ConfigError(f"rank controller {controller!r} rewrites the core S at every rank change "
+                          f"(an arbitrary r × r matrix), but the adapter on {layer!r} has S on "
+                          f"{core.name!r}: leave S on 'euclidean'")
 
 
 class GeoLoRAController(RankController):

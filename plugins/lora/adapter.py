@@ -10,20 +10,6 @@ from geopeft.builtins import lora_init_
 from geopeft.kernels import lora_linear
 
 
-def fused_linear(adapter: Adapter, x: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
-    """`geopeft.kernels.lora_linear` of adapter's base layer with factors (B = b, A = a),
-    cast to x's dtype, when the fused path applies (see `LoRAAdapter.fused_forward`),
-    else None."""
-    base = adapter.base_layer
-    if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
-            or (adapter.training and getattr(adapter, "dropout_p", 0.0) > 0)
-            or not x.is_floating_point() or x.dtype != base.weight.dtype
-            or torch.is_autocast_enabled(x.device.type)):
-        return None
-    a, b = adapter.in_input_dtype(x, a, b)
-    return lora_linear(x, base.weight, base.bias, a, b, adapter.scaling)
-
-
 class LoRAAdapter(Adapter):
     """ΔW = scaling·B·A with scaling = α/r (α/√r with `rslora`).
 
@@ -58,7 +44,10 @@ class LoRAAdapter(Adapter):
         """base(x) + s·(x Aᵀ) Bᵀ as one autograd function (`geopeft.kernels.lora_linear`:
         backward keeps only x and x Aᵀ) for a plain nn.Linear base without hooks, x in
         W's dtype (the factors are cast to it), no active dropout and no autocast; else None."""
-        return fused_linear(self, x, self.A, self.B)
+        if not self.can_fuse_linear(x):
+            return None
+        a, b = self.in_input_dtype(x, self.A, self.B)
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, self.scaling)
 
     def delta_weight(self) -> Tensor:
         return self.ops.to_weight_layout(self.scaling * (self.B @ self.A), self.base_layer)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from geopeft import Adapter, ShapeError
-from geopeft.kernels import random_stiefel
+from geopeft.kernels import lora_linear, random_stiefel
 
 
 class USVAdapter(Adapter):
@@ -47,6 +47,14 @@ class USVAdapter(Adapter):
         b, a = self.in_input_dtype(x, *self._fold())
         h = self.ops.lift(self.dropout(x), a, self.base_layer)
         return self.ops.add_lowered(base_out, h, b, self.scaling)
+
+    def fused_forward(self, x: Tensor) -> Tensor | None:
+        """base(x) + s·x·V·Sᵀ·Uᵀ as one `geopeft.kernels.lora_linear` with the folded pair
+        (B, A), where `can_fuse_linear(x)` allows; else None (the unfused path)."""
+        if not self.can_fuse_linear(x):
+            return None
+        b, a = self.in_input_dtype(x, *self._fold())
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, self.scaling)
 
     def delta_weight(self) -> Tensor:
         b, a = self._fold()
