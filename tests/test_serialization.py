@@ -284,15 +284,22 @@ HOSTILE = [
 ]
 
 
+def _load_with_field(directory, path: str, value):
+    """Save a trained model, set the dotted `path` of its geopeft.json to `value`, and load it
+    onto a fresh base, which must raise CheckpointError: (the fresh model, the raises info)."""
+    model, fresh = _trained(0)
+    geopeft.save(model, directory)
+    cfg = json.loads((directory / "geopeft.json").read_text())
+    _edit(cfg, path, value)
+    (directory / "geopeft.json").write_text(json.dumps(cfg))
+    with pytest.raises(geopeft.CheckpointError) as info:
+        geopeft.load(fresh, directory)
+    return fresh, info
+
+
 @pytest.mark.parametrize("path, value", HOSTILE, ids=[f"{p}={v!r}" for p, v in HOSTILE])
 def test_every_malformed_field_is_a_checkpoint_error_naming_file_and_field(tmp_path, path, value):
-    model, fresh = _trained(0)
-    geopeft.save(model, tmp_path)
-    cfg = json.loads((tmp_path / "geopeft.json").read_text())
-    _edit(cfg, path, value)
-    (tmp_path / "geopeft.json").write_text(json.dumps(cfg))
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh, tmp_path)
+    fresh, info = _load_with_field(tmp_path, path, value)
     msg = str(info.value)
     assert "geopeft.json" in msg and f"'{path}" in msg and "expected" in msg, msg
     assert geopeft.adapters(fresh) == []
@@ -307,13 +314,7 @@ def test_every_malformed_field_is_a_checkpoint_error_naming_file_and_field(tmp_p
     ("layers.query.rank", 99, "rank 99 is larger than layer 'query' allows"),
 ])
 def test_component_options_from_a_file_are_checked_too(tmp_path, path, value, fragment):
-    model, fresh = _trained(0)
-    geopeft.save(model, tmp_path)
-    cfg = json.loads((tmp_path / "geopeft.json").read_text())
-    _edit(cfg, path, value)
-    (tmp_path / "geopeft.json").write_text(json.dumps(cfg))
-    with pytest.raises(geopeft.CheckpointError) as info:
-        geopeft.load(fresh, tmp_path)
+    _, info = _load_with_field(tmp_path, path, value)
     assert "geopeft.json" in str(info.value) and fragment in str(info.value)
 
 
