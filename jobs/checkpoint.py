@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
+from geopeft.atomic import read_files, write_directory
 from geopeft.errors import CheckpointError
 
 
@@ -45,20 +46,18 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write `state` to directory `path` (tensors first, then the JSON that marks it complete)."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write `state` to directory `path` atomically (`geopeft.atomic.write_directory`): a
+    reader, or a resume after a crash mid-save, sees the previous checkpoint or this one."""
     tensors: dict[str, torch.Tensor] = {}
     structure = _flatten(state, tensors)
-    save_file(tensors, str(out / "state.safetensors.tmp"))
-    os.replace(out / "state.safetensors.tmp", out / "state.safetensors")
-    (out / "state.json.tmp").write_text(json.dumps(structure))
-    os.replace(out / "state.json.tmp", out / "state.json")
+    write_directory(path, {"state.safetensors": save(tensors),
+                           "state.json": json.dumps(structure).encode()})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     src = Path(path)
-    if not (src / "state.json").is_file() or not (src / "state.safetensors").is_file():
+    found = read_files(src, ["state.json", "state.safetensors"]) if src.is_dir() else {}
+    if not found or any(v is None for v in found.values()):
         raise CheckpointError(f"no checkpoint in {str(src)!r} (state.json and state.safetensors); "
                               "run without --resume to start from step 0")
-    return _unflatten(json.loads((src / "state.json").read_text()), load_file(str(src / "state.safetensors")))
+    return _unflatten(json.loads(found["state.json"]), load(found["state.safetensors"]))
