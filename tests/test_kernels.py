@@ -81,7 +81,7 @@ def test_fused_path_equals_unfused_adapter(dtype, tol, tokens, method, monkeypat
 
 @pytest.mark.parametrize("tokens", [4, 40])
 def test_saved_bytes_at_most_peft(tokens):
-    peft = pytest.importorskip("peft")
+    import peft
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(12, 10))
     ours = geopeft.adapt(copy.deepcopy(base), "lora", targets=["0"], rank=3, alpha=6)

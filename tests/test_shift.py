@@ -73,7 +73,7 @@ def test_shifted_base_is_exact_through_save_load_merge_disable_and_export(method
     for n, a in pairs:
         torch.testing.assert_close(a.base_layer.weight, shifted[n], rtol=0, atol=1e-6)
 
-    peft = pytest.importorskip("peft")
+    import peft
     geopeft.export_peft(model, tmp_path / "peft")
     restored = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(restored(ids), out, rtol=0, atol=1e-5)  # a LoRA of the original base
