@@ -41,6 +41,7 @@ from torch import nn  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import geopeft  # noqa: E402
+from geopeft.jobs.measure import tensor_bytes  # noqa: E402
 
 BASELINE = "lora"
 
@@ -72,17 +73,6 @@ METHODS: dict[str, Callable[[argparse.Namespace], tuple]] = {
     "lorapro-full": _geopeft("lorapro", torch.optim.SGD, mode="full"),
     "full-ft": build_full_ft,
 }
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of every tensor inside nested dicts / lists / tuples."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
