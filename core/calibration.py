@@ -21,15 +21,17 @@ x the unfolded patch) or a token id (Embedding: x one-hot, so A is diagonal).
 
 Memory is bounded by those matrices: in the backward pass each layer adds x xᵀ of the
 input it saw (kept from its forward until then, as a LoRA training step keeps it for
-∇A) to an (n, n) sum and δ δᵀ to an (m, m) sum; a side larger than `dense_limit` (and the input side of an Embedding) keeps
-only its diagonal, (n,) or (m,), and `output_moment`/`input_moment` are then vectors.
-Total: Σ_layers (m·n + m² + n²) floats at most.
+∇A) straight into its (n, n) total and δ δᵀ into its (m, m) total (no per-batch copies,
+except for a layer called more than once in a batch); a side larger than `dense_limit`
+(and the input side of an Embedding) keeps only its diagonal, (n,) or (m,), and
+`output_moment`/`input_moment` are then vectors. Total: Σ_layers (m·n + m² + n²) floats
+at most.
 
-One forward and one backward per batch, and no weight gradient: a forward hook adds a
-zero scalar leaf to each adapted layer's output (y + z, so the output is differentiable
-while every weight stays frozen), `torch.autograd.grad(loss, z)` runs the backward, and
-each output's tensor hook gets δ and adds Σ δ xᵀ to ∇W (and the moments) from the rows
-that carry gradient.
+One forward and one backward per batch, and no weight gradient: a forward hook passes
+each adapted layer's output through an identity autograd node that also takes a shared
+zero leaf z (so the output is differentiable while every weight stays frozen; no copy),
+`torch.autograd.grad(loss, z)` runs the backward, and each node hands δ to the layer's
+accumulator, which adds Σ δ xᵀ to ∇W (and the moments) from the rows that carry gradient.
 
 Always restored, also when `loss_fn` raises: hooks removed, every module's training
 flag, every parameter's `requires_grad`, the adapters' enabled state; parameters'
@@ -68,7 +70,10 @@ class LayerStats:
 
 
 class _Accumulator:
-    """One layer's sums over the current batch, folded into batch averages by `end_batch`."""
+    """One layer's running sums: ∇W straight into its total, the moments either straight into
+    theirs (normalised by the batch's row count T at once: the usual case of one call per
+    batch, no per-batch buffers) or, for a layer called more than once in a batch (a shared
+    module), into per-batch sums folded by `end_batch`, when T is known."""
 
     def __init__(self, adapter: Adapter, moments: bool, dense_limit: int):
         self.ops = adapter.ops
@@ -85,7 +90,7 @@ class _Accumulator:
         self.start_batch()
 
     def start_batch(self) -> None:
-        self.grad_sum = torch.zeros_like(self.grad_total)
+        self.calls = 0  # forward calls in this batch, counted by the probe before the backward
         self.sum_xx = self.sum_gg = None
         self.rows = 0
 
@@ -93,27 +98,45 @@ class _Accumulator:
         """Add the rows that carry gradient (δ ≠ 0: not padding, not masked out):
         ∇W += Σ δ xᵀ, and (with moments) Σ x xᵀ, Σ δ δᵀ."""
         d = _output_rows(self.ops, grad)
-        live = (d != 0).any(1)
-        d = d[live].float()
-        x = _input_rows(self.ops, module, x)[live]
+        x = _input_rows(self.ops, module, x)
+        live = d.any(1)
+        if not bool(live.all()):
+            d, x = d[live], x[live]
+        d = d.float()
+        rows = int(d.shape[0])
+        self.rows += rows
         if self.ops.kind == "embedding":  # one-hot rows x = e_id
-            self.grad_sum.index_add_(1, x, d.T)
-            xx = torch.bincount(x, minlength=self.ops.n).float() if self.moments else None
+            self.grad_total.index_add_(1, x, d.T)
         else:
             x = x.float()
-            self.grad_sum.addmm_(d.T, x)
-            xx = (x.T @ x if self.dense_in else (x * x).sum(0)) if self.moments else None
-        self.rows += int(d.shape[0])
-        if self.moments:
-            gg = d.T @ d if self.dense_out else (d * d).sum(0)
-            self.sum_xx = xx if self.sum_xx is None else self.sum_xx + xx
-            self.sum_gg = gg if self.sum_gg is None else self.sum_gg + gg
+            self.grad_total.addmm_(d.T, x)
+        if not self.moments or rows == 0:
+            return
+        if self.calls == 1:  # this batch's only call: T = rows, straight into the totals
+            self._add_moments(self.in_total, self.out_total, x, d, 1.0 / rows, float(rows))
+            self.moment_batches += 1
+            return
+        if self.sum_xx is None:
+            self.sum_xx, self.sum_gg = torch.zeros_like(self.in_total), torch.zeros_like(self.out_total)
+        self._add_moments(self.sum_xx, self.sum_gg, x, d, 1.0, 1.0)
+
+    def _add_moments(self, xx: Tensor, gg: Tensor, x: Tensor, d: Tensor, a: float, g: float) -> None:
+        """xx += a·Σ x xᵀ (or its diagonal; Embedding: the id counts), gg += g·Σ δ δᵀ (or diagonal)."""
+        if self.ops.kind == "embedding":
+            xx.add_(torch.bincount(x, minlength=self.ops.n).float(), alpha=a)
+        elif self.dense_in:
+            xx.addmm_(x.T, x, alpha=a)
+        else:
+            xx.add_((x * x).sum(0), alpha=a)
+        if self.dense_out:
+            gg.addmm_(d.T, d, alpha=g)
+        else:
+            gg.add_((d * d).sum(0), alpha=g)
 
     def end_batch(self) -> None:
-        self.grad_total += self.grad_sum
-        if self.moments and self.rows:
-            self.in_total += self.sum_xx / self.rows
-            self.out_total += self.sum_gg * self.rows
+        if self.sum_xx is not None and self.rows:  # a shared layer: T is known only now
+            self.in_total.add_(self.sum_xx, alpha=1.0 / self.rows)
+            self.out_total.add_(self.sum_gg, alpha=float(self.rows))
             self.moment_batches += 1
         self.batches += 1
         self.start_batch()
@@ -126,31 +149,44 @@ class _Accumulator:
         return LayerStats(grad, self.in_total / k, self.out_total / k, self.batches)
 
 
+class _Tap(torch.autograd.Function):
+    """y ↦ y (marked as changed in place, so later in-place ops on y still work), with the
+    zero-size leaf z as a second input so that y requires grad; the backward hands
+    δ = ∂loss/∂y to `callback` and passes it on. No copy of y in the forward, no reduction
+    for z in the backward (z gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, callback: Callable[[Tensor], None]) -> Tensor:
+        ctx.callback = callback
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.callback(grad)
+        return grad, None, None
+
+
 class _Probe:
-    """Makes every adapted layer's output differentiable without differentiating its weight:
-    y' = y + z with z a zero scalar leaf (one per dtype). Backpropagating the loss to z
-    sends δ = ∂loss/∂y to each layer's hook and computes no weight gradient."""
+    """Makes every adapted layer's output differentiable without differentiating its weight
+    (`_Tap` with one shared leaf z). Backpropagating the loss to z sends δ = ∂loss/∂y to
+    each layer's accumulator and computes no weight gradient."""
 
     def __init__(self, accs: dict[int, _Accumulator]):
         self.accs = accs
-        self.zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self.leaf = torch.zeros((), requires_grad=True)
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not isinstance(output, Tensor) or not output.is_floating_point():
             return None
-        key = (output.dtype, output.device)
-        if key not in self.zeros:
-            self.zeros[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-        out = output + self.zeros[key]
         x = args[0].detach()  # the input, kept until this batch's backward (as LoRA's A keeps it)
         acc = self.accs[id(module)]
-        out.register_hook(lambda grad: acc.add_rows(module, x, grad))
-        return out
+        acc.calls += 1
+        return _Tap.apply(output, self.leaf, lambda grad: acc.add_rows(module, x, grad))
 
     def backward(self, loss: Tensor) -> None:
-        leaves = list(self.zeros.values())
-        if leaves:
-            torch.autograd.grad(loss, leaves, allow_unused=True)
+        if loss.requires_grad:
+            torch.autograd.grad(loss, [self.leaf], allow_unused=True)
 
 
 def _input_rows(ops, module: nn.Module, x: Tensor) -> Tensor:

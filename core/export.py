@@ -11,6 +11,7 @@ needs neither peft nor pickle.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -26,9 +27,10 @@ from geopeft.kernels import full
 from .atomic import write_directory
 from .errors import CheckpointError, GeopeftError
 from .model import adapted_layers, adapters, find_root, find_state, trainable_params
-from .shift import lora_of_original_base
+from .shift import base_shift, lora_of_original_base
 
 PREFIX = "base_model.model."
+log = logging.getLogger("geopeft")
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -63,6 +65,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         rank = a.shape[0]
         ranks[name] = rank
         alphas[name] = adapter.scaling * rank  # PEFT's scaling is lora_alpha / r
+    shifted = [name for name, adapter in pairs if base_shift(adapter) is not None]
+    if shifted:
+        log.info("export_peft: %d layer(s) (%s%s) have a base weight shifted by their initializer "
+                 "(W - s*B0*A0); PEFT applies an adapter to the base weights it is given, so they are "
+                 "written as the exact LoRA of the original base, [B, -B0]*[A; A0] of rank r + r0",
+                 len(shifted), ", ".join(shifted[:3]), ", ..." if len(shifted) > 3 else "")
     for pname, p in trainable_params(root, state.trainable):
         tensors[f"{PREFIX}{pname}"] = full(p).detach().contiguous().cpu()
     r0 = ranks[pairs[0][0]]

@@ -3,6 +3,8 @@ their dense definitions, and the model is left exactly as it was."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -230,3 +232,59 @@ def test_conv2d_rows_are_unfolded_patches_matching_the_gradient():
     delta = (2 * out_ref / out_ref.numel()).movedim(1, -1).reshape(-1, 3)      # (N·L, m)
     assert torch.allclose(stats.grad, delta.T @ cols, atol=1e-6)
     assert torch.allclose(stats.input_moment, cols.T @ cols / cols.shape[0], atol=1e-5)
+
+
+class SharedInplaceConv1D(nn.Module):
+    """A Linear called twice per batch (shared), an in-place ReLU on its first output, and
+    an HF Conv1D (whose output is a view) at the end."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.proj = Conv1D(3, 4)  # nf = 3 outputs, nx = 4 inputs
+
+    def forward(self, x):
+        return self.proj(self.lin(self.act(self.lin(x))))
+
+
+def test_shared_layer_inplace_op_and_conv1d_view_match_the_dense_definitions():
+    """A layer called twice in a batch counts the rows of both calls in one T (A = Σxxᵀ/T,
+    G = T·Σδδᵀ over both); an in-place op on an adapted output still trains through it
+    (δ is the gradient before the op); Conv1D's (view) output is tapped like a Linear's."""
+    torch.manual_seed(0)
+    model = SharedInplaceConv1D()
+    ref = copy.deepcopy(model)
+    geopeft.adapt(model, "lora", targets=["lin", "proj"], rank=1)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 3, generator=g)) for _ in range(3)]
+    stats = geopeft.calibrate(model, geopeft.adapters(model), batches, mse_of_output)
+
+    sums = {"lin": [0, 0, 0], "proj": [0, 0, 0]}
+    for x, y in batches:
+        h1 = ref.lin(x)
+        h1.retain_grad()
+        h2 = ref.lin(torch.relu(h1))
+        h2.retain_grad()
+        out = ref.proj(h2)
+        out.retain_grad()
+        F.mse_loss(out, y).backward()
+        calls = {"lin": [(x, h1.grad), (torch.relu(h1), h2.grad)], "proj": [(h2, out.grad)]}
+        for name, seen in calls.items():
+            xs = torch.cat([a.detach().reshape(-1, a.shape[-1]) for a, _ in seen])
+            ds = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in seen])
+            live = (ds != 0).any(1)
+            xs, ds, t = xs[live], ds[live], int(live.sum())
+            for k, v in enumerate([xs.T @ xs / t, t * ds.T @ ds, ds.T @ xs]):
+                sums[name][k] = sums[name][k] + v / len(batches)
+    for name, (a, gg, grad) in sums.items():
+        torch.testing.assert_close(stats[name].input_moment, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats[name].output_moment, gg, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats[name].grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def mse_of_output(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)

@@ -5,6 +5,7 @@ against PEFT's optimizer."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -320,3 +321,30 @@ def test_whitened_gradient_singular_values_are_canonical_correlations():
     canonical = torch.linalg.svdvals(q_d.T @ q_x)
     torch.testing.assert_close(torch.linalg.svdvals(whitened).double(), canonical, rtol=1e-4, atol=1e-5)
     assert canonical.max() <= 1 + 1e-9
+
+
+@pytest.mark.parametrize(("vertex", "expected", "evaluations"), [
+    (-1.7, 10 ** -1.7, 3),   # minimum inside: three decades, then the parabola's vertex exactly
+    (-2.2, 10 ** -2.2, 3),
+    (-0.2, 1.0, 4),          # still falling at γ = 1: the full step
+    (-3.4, 1e-3, 2),         # rising from the start: the smallest γ
+    (-1.0, 1e-1, 4),         # exactly on a decade
+])
+def test_scale_search_brackets_then_takes_the_parabola_vertex(vertex, expected, evaluations):
+    from geopeft.plugins.cglora.initializers import search_scale
+
+    seen = []
+
+    def loss_at(gamma):
+        seen.append(gamma)
+        return (math.log10(gamma) - vertex) ** 2
+
+    assert search_scale(loss_at) == pytest.approx(expected, rel=1e-12)
+    assert len(seen) == evaluations
+
+
+def test_scale_search_treats_a_non_finite_loss_as_a_rise_and_stays_on_the_grid():
+    from geopeft.plugins.cglora.initializers import search_scale
+
+    losses = {1e-3: 0.9, 1e-2: 0.5, 1e-1: math.nan, 1.0: 0.0}
+    assert search_scale(losses.__getitem__) == 1e-2

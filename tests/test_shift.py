@@ -5,6 +5,7 @@ export_peft stay exact."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def _adapted(method, extra):
 
 
 @pytest.mark.parametrize(("method", "extra"), INITS, ids=[m for m, _ in INITS])
-def test_shifted_base_is_exact_through_save_load_merge_disable_and_export(method, extra, tmp_path):
+def test_shifted_base_is_exact_through_save_load_merge_disable_and_export(method, extra, tmp_path, caplog):
     base, model, data = _adapted(method, extra)
     ids = data[0][0]
     base_out = base(ids).detach()
@@ -74,7 +75,9 @@ def test_shifted_base_is_exact_through_save_load_merge_disable_and_export(method
         torch.testing.assert_close(a.base_layer.weight, shifted[n], rtol=0, atol=1e-6)
 
     import peft
-    geopeft.export_peft(model, tmp_path / "peft")
+    with caplog.at_level(logging.INFO, logger="geopeft"):
+        geopeft.export_peft(model, tmp_path / "peft")
+    assert f"{len(pairs)} layer(s)" in caplog.text and "exact LoRA of the original base" in caplog.text
     restored = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(restored(ids), out, rtol=0, atol=1e-5)  # a LoRA of the original base
     export_saved(tmp_path / "a", tmp_path / "peft2")

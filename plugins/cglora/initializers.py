@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -58,8 +58,35 @@ def _check_batches(num_batches: int) -> int:
     return num_batches
 
 
-#: the scales `scale="auto"` tries, smallest first: 10^{-3}, 10^{-2.5}, …, 1
-SCALE_GRID = tuple(10 ** (-k / 2) for k in range(6, -1, -1))
+#: the scales `scale="auto"` tries, smallest first, before refining between them
+SCALE_DECADES = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def search_scale(loss_at: Callable[[float], float]) -> float:
+    """The γ that `scale="auto"` picks along the ray γ·ΔW₀, from `loss_at(γ)` evaluations.
+
+    Scans `SCALE_DECADES` from the smallest up and stops at the first rise (at most 4
+    evaluations, 3 when the minimum is inside); then, if the best decade has a neighbour
+    on each side, returns the vertex of the parabola through the three points in log10 γ,
+    kept within half a decade of the best one (not evaluated again). A non-finite loss
+    counts as a rise."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for gamma in SCALE_DECADES:
+        y = loss_at(gamma)
+        xs.append(math.log10(gamma))
+        ys.append(y if math.isfinite(y) else math.inf)
+        if len(ys) > 1 and ys[-1] > ys[-2]:
+            break  # past the minimum along the ray
+    i = min(range(len(ys)), key=ys.__getitem__)
+    if not 0 < i < len(ys) - 1 or not all(map(math.isfinite, ys[i - 1:i + 2])):
+        return SCALE_DECADES[i]
+    y0, y1, y2 = ys[i - 1:i + 2]
+    bend = y0 - 2 * y1 + y2  # > 0 unless y1 ties a neighbour (the decades are 1 apart in log10)
+    if not bend > 0:
+        return SCALE_DECADES[i]
+    vertex = xs[i] - 0.5 * (y2 - y0) / bend
+    return 10 ** min(max(vertex, xs[i] - 0.5), xs[i] + 0.5)
 
 
 @torch.no_grad()
@@ -81,10 +108,9 @@ class CurvatureGuidedInit(Initializer):
     step (derivation: docs/methods/cglora.md).
 
     Options: `damping` λ (relative: λ·tr(M)/k is added to each K-FAC factor M (k, k));
-    `scale` γ: a number (1 = the full Newton step), or "auto" (default): the γ of
-    `SCALE_GRID` with the lowest loss on the first `search_batches` calibration batches,
-    scanned from the smallest up and stopped once the loss rises (the layers' Newton steps
-    are computed independently and overshoot together); `shift` (subtract ΔW₀ from W: the
+    `scale` γ: a number (1 = the full Newton step), or "auto" (default): `search_scale` on
+    the loss of the first `search_batches` calibration batches (3–4 forward passes each;
+    the layers' Newton steps are computed independently and overshoot together); `shift` (subtract ΔW₀ from W: the
     model starts at its base function); `num_batches` (calibration batches used);
     `dense_limit` (larger sides keep a diagonal second moment); `progress` (a tqdm bar)."""
 
@@ -92,7 +118,7 @@ class CurvatureGuidedInit(Initializer):
     needs_data = True
 
     def __init__(self, damping: float = 0.1, scale: float | str = "auto", shift: bool = False,
-                 num_batches: int = DEFAULT_BATCHES, search_batches: int = 2,
+                 num_batches: int = DEFAULT_BATCHES, search_batches: int = 1,
                  dense_limit: int = DEFAULT_DENSE_LIMIT, progress: bool = True):
         if not float(damping) >= 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
@@ -114,7 +140,7 @@ class CurvatureGuidedInit(Initializer):
                           dense_limit=self.dense_limit, progress=self.progress)
         steps = {}
         for name, adapter in adapters:
-            st = stats[name]
+            st = stats.pop(name)  # each layer's statistics freed once used
             p, q = newton_lowrank(st.grad, st.input_moment, st.output_moment, adapter.rank, self.damping)
             steps[name] = product_svd(p, q)
 
@@ -125,15 +151,12 @@ class CurvatureGuidedInit(Initializer):
 
         if self.scale == "auto":
             search = taken[:self.search_batches]
-            best, best_loss = SCALE_GRID[0], math.inf
-            for gamma in SCALE_GRID:
+
+            def loss_at(gamma: float) -> float:
                 write(gamma)
-                loss = mean_loss(model, search, loss_fn)
-                if loss < best_loss:
-                    best, best_loss = gamma, loss
-                elif loss > best_loss:
-                    break  # past the minimum along the ray
-            self.chosen_scale = best
+                return mean_loss(model, search, loss_fn)
+
+            self.chosen_scale = search_scale(loss_at)
         else:
             self.chosen_scale = self.scale
         write(self.chosen_scale)
