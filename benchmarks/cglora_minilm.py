@@ -13,7 +13,8 @@ batches. Methods: `lora` (the baseline), `cglora` (no shift: the model moves at 
 no scale search).
 
     .venv/bin/python benchmarks/cglora_minilm.py --json cglora_minilm.json
-    .venv/bin/python benchmarks/cglora_minilm.py --methods lora,cglora --lr 1e-3
+    .venv/bin/python benchmarks/cglora_minilm.py --seed 0,1,2,3,4 --json cglora_minilm_seeds.json
+    .venv/bin/python benchmarks/cglora_minilm.py --methods lora,cglora,lora-ga --lr 2e-4,1e-3 --seed 0,1,2
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -103,13 +106,53 @@ def run_method(name: str, base, calib, train, val, args) -> dict:
     return {"train_loss": curve, "val_loss": val_curve, "init_s": init_s, "chosen_scale": chosen}
 
 
+def run(seed: int, lr: float, names: list[str], args) -> dict:
+    """Every method of `names` from the same head and batches of `seed`, at `lr`; prints a table."""
+    torch.manual_seed(seed)
+    base = text_classifier(seed)
+    calib = rotten_tomatoes_batches("train", 0, 8, 16, args.max_length, seed)
+    train = rotten_tomatoes_batches("train", 128, args.steps, 16, args.max_length, seed)
+    val = rotten_tomatoes_batches("val", 0, 16, 16, args.max_length, seed)
+    one = argparse.Namespace(**{**vars(args), "lr": lr, "seed": seed})
+    results = {name: run_method(name, base, calib, train, val, one) for name in names}
+    print(f"seed {seed}, lr {lr}, {args.steps} steps; validation loss at steps {', '.join(map(str, EVAL_AT))}")
+    print(f"{'method':13s} " + " ".join(f"{'val@' + str(s):>8s}" for s in EVAL_AT)
+          + f" {'train last10':>12s} {'init s':>7s} {'scale':>6s}")
+    for name, r in results.items():
+        last = sum(r["train_loss"][-10:]) / len(r["train_loss"][-10:])
+        scale = f"{r['chosen_scale']:.4g}" if r["chosen_scale"] else ""
+        print(f"{name:13s} " + " ".join(f"{r['val_loss'].get(s, float('nan')):8.4f}" for s in EVAL_AT)
+              + f" {last:12.4f} {r['init_s']:7.1f} {scale:>6s}")
+    return results
+
+
+def summarize(runs: dict[float, dict[int, dict]], names: list[str], steps: int) -> dict:
+    """Per lr and method: the mean and standard error over seeds of the final validation loss,
+    and on how many seeds it is ≤ lora's (when lora ran)."""
+    summary: dict[str, dict] = {}
+    print(f"\nvalidation loss at step {steps}: mean ± standard error over seeds"
+          + ("; seeds at or below lora's" if "lora" in names else ""))
+    for lr, by_seed in runs.items():
+        for name in names:
+            finals = [r[name]["val_loss"][steps] for r in by_seed.values()]
+            mean = statistics.fmean(finals)
+            se = statistics.stdev(finals) / math.sqrt(len(finals)) if len(finals) > 1 else float("nan")
+            wins = sum(r[name]["val_loss"][steps] <= r["lora"]["val_loss"][steps] for r in by_seed.values()) \
+                if "lora" in names else None
+            summary.setdefault(str(lr), {})[name] = {"mean": mean, "se": se, "seeds": len(finals),
+                                                     "at_or_below_lora": wins}
+            tail = f"  {wins}/{len(finals)}" if wins is not None and name != "lora" else ""
+            print(f"lr {lr:<8g} {name:13s} {mean:.4f} ± {se:.4f}{tail}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "cglora-scale1"))
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", default="5e-4", help="a learning rate, or several: 2e-4,5e-4,1e-3")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", default="0", help="a seed, or several: 0,1,2")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -117,21 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    torch.manual_seed(args.seed)
-    base = text_classifier(args.seed)
-    calib = rotten_tomatoes_batches("train", 0, 8, 16, args.max_length, args.seed)
-    train = rotten_tomatoes_batches("train", 128, args.steps, 16, args.max_length, args.seed)
-    val = rotten_tomatoes_batches("val", 0, 16, 16, args.max_length, args.seed)
-    results = {name: run_method(name, base, calib, train, val, args) for name in names}
-    print(f"lr {args.lr}, {args.steps} steps; validation loss at steps {', '.join(map(str, EVAL_AT))}")
-    print(f"{'method':13s} " + " ".join(f"{'val@' + str(s):>8s}" for s in EVAL_AT)
-          + f" {'train last10':>12s} {'init s':>7s} {'scale':>6s}")
-    for name, r in results.items():
-        last = sum(r["train_loss"][-10:]) / len(r["train_loss"][-10:])
-        print(f"{name:13s} " + " ".join(f"{r['val_loss'].get(s, float('nan')):8.4f}" for s in EVAL_AT)
-              + f" {last:12.4f} {r['init_s']:7.1f} {r['chosen_scale'] or '':>6}")
+    if args.steps not in EVAL_AT:
+        parser.error(f"--steps must be one of the evaluation steps {EVAL_AT}")
+    lrs = [float(x) for x in str(args.lr).split(",")]
+    seeds = [int(x) for x in str(args.seed).split(",")]
+    runs = {lr: {seed: run(seed, lr, names, args) for seed in seeds} for lr in lrs}
     report = {"benchmark": "cglora_minilm", "args": vars(args), "environment": environment(),
-              "results": results}
+              "results": {str(lr): {str(seed): r for seed, r in by.items()} for lr, by in runs.items()}}
+    if len(lrs) * len(seeds) > 1:
+        report["summary"] = summarize(runs, names, args.steps)
     write_report(report, args.json)
     return report
 

@@ -151,7 +151,7 @@ class _Accumulator:
 
 class _Tap(torch.autograd.Function):
     """y ↦ y (marked as changed in place, so later in-place ops on y still work), with the
-    zero-size leaf z as a second input so that y requires grad; the backward hands
+    zero scalar leaf z as a second input so that y requires grad; the backward hands
     δ = ∂loss/∂y to `callback` and passes it on. No copy of y in the forward, no reduction
     for z in the backward (z gets no gradient)."""
 

@@ -110,8 +110,8 @@ class CurvatureGuidedInit(Initializer):
     Options: `damping` λ (relative: λ·tr(M)/k is added to each K-FAC factor M (k, k));
     `scale` γ: a number (1 = the full Newton step), or "auto" (default): `search_scale` on
     the loss of the first `search_batches` calibration batches (3–4 forward passes each;
-    the layers' Newton steps are computed independently and overshoot together); `shift` (subtract ΔW₀ from W: the
-    model starts at its base function); `num_batches` (calibration batches used);
+    the layers' Newton steps are computed independently and overshoot together);
+    `shift` (subtract ΔW₀ from W: the model starts at its base function); `num_batches` (calibration batches used);
     `dense_limit` (larger sides keep a diagonal second moment); `progress` (a tqdm bar)."""
 
     name = "cg"
