@@ -169,12 +169,12 @@ class _Tap(torch.autograd.Function):
 
 class _Probe:
     """Makes every adapted layer's output differentiable without differentiating its weight
-    (`_Tap` with one shared leaf z). Backpropagating the loss to z sends δ = ∂loss/∂y to
+    (`_Tap` with a shared leaf z). Backpropagating the loss to z sends δ = ∂loss/∂y to
     each layer's accumulator and computes no weight gradient."""
 
     def __init__(self, accs: dict[int, _Accumulator]):
         self.accs = accs
-        self.leaf = torch.zeros((), requires_grad=True)
+        self.leaves: dict[torch.device, Tensor] = {}  # one zero scalar leaf per device
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not isinstance(output, Tensor) or not output.is_floating_point():
@@ -182,11 +182,14 @@ class _Probe:
         x = args[0].detach()  # the input, kept until this batch's backward (as LoRA's A keeps it)
         acc = self.accs[id(module)]
         acc.calls += 1
-        return _Tap.apply(output, self.leaf, lambda grad: acc.add_rows(module, x, grad))
+        leaf = self.leaves.get(output.device)
+        if leaf is None:
+            leaf = self.leaves[output.device] = torch.zeros((), device=output.device, requires_grad=True)
+        return _Tap.apply(output, leaf, lambda grad: acc.add_rows(module, x, grad))
 
     def backward(self, loss: Tensor) -> None:
-        if loss.requires_grad:
-            torch.autograd.grad(loss, [self.leaf], allow_unused=True)
+        if self.leaves:
+            torch.autograd.grad(loss, list(self.leaves.values()), allow_unused=True)
 
 
 def _input_rows(ops, module: nn.Module, x: Tensor) -> Tensor:
