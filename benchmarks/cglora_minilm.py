@@ -3,18 +3,21 @@ curves over the first 50 steps on MiniLM.
 
 Setup: the pretrained all-MiniLM-L6-v2 encoder with a mean-pooled linear head (2 classes,
 the head trained too), adapters of rank 8 / alpha 16 on every `query` and `value` layer
-(12), rotten_tomatoes (`geopeft.jobs.data`: critics' snippets, fresh / rotten) at up to 64
+(12; `--targets all`: the 36 encoder linears), rotten_tomatoes (`geopeft.jobs.data`: critics' snippets, fresh / rotten) at up to 64
 tokens. The calibration set is 8 batches of 16 training snippets; training takes 50 AdamW
 steps (same lr for every method, weight decay 0) on the next 800 snippets, batch 16, in
 a seeded order; the validation loss is measured on 256 validation snippets at steps 0,
 10, 25 and 50. Every method starts from the same head (same seed) and sees the same
 batches. Methods: `lora` (the baseline), `cglora` (no shift: the model moves at step 0),
 `cglora-shift`, `lora-ga`, `pissa`; on request `cglora-scale1` (the full Newton step,
-no scale search).
+no scale search) and, for `--targets all` (the 36 encoder linears, 384 and 1536 wide),
+`cglora-sketch` / `cglora-diagonal` (the 1536-wide sides' moments as a rank-256
+Nyström sketch / as their diagonal).
 
     .venv/bin/python benchmarks/cglora_minilm.py --json cglora_minilm.json
     .venv/bin/python benchmarks/cglora_minilm.py --seed 0,1,2,3,4 --json cglora_minilm_seeds.json
     .venv/bin/python benchmarks/cglora_minilm.py --methods lora,cglora,lora-ga --lr 2e-4,1e-3 --seed 0,1,2
+    .venv/bin/python benchmarks/cglora_minilm.py --targets all --methods lora,cglora,cglora-sketch,cglora-diagonal --seed 0,1,2
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ from report import environment, write_report  # noqa: E402
 import geopeft  # noqa: E402
 from geopeft.model import find_state  # noqa: E402
 
-TARGETS = ["query", "value"]
+TARGETS = {"qv": ["query", "value"],  # the 12 query/value layers (384 × 384)
+           "all": r"encoder\.encoder\..*\.(query|key|value|dense)"}  # the 36 encoder linears (384 and 1536 wide)
 METHODS = {
     "lora": ("lora", {}),
     "cglora": ("cglora", {}),
     "cglora-shift": ("cglora", {"shift": True}),
     "cglora-scale1": ("cglora", {"scale": 1.0}),  # the full Newton step, no scale search
+    # sides wider than 1024 (the 1536-wide ones of --targets all) sketched / diagonal
+    "cglora-sketch": ("cglora", {"dense_limit": 1024, "sketch_size": 256}),
+    "cglora-diagonal": ("cglora", {"dense_limit": 1024, "sketch_size": 0}),
     "lora-ga": ("lora-ga", {}),
     "pissa": ("pissa", {}),
 }
@@ -88,7 +95,7 @@ def run_method(name: str, base, calib, train, val, args) -> dict:
     method, extra = METHODS[name]
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
-    geopeft.adapt(model, method, targets=TARGETS, rank=args.rank, alpha=2 * args.rank,
+    geopeft.adapt(model, method, targets=TARGETS[args.targets], rank=args.rank, alpha=2 * args.rank,
                   trainable=["classifier"], init_batches=calib, loss_fn=ce_loss, **extra)
     init_s = time.perf_counter() - t0
     chosen = getattr(find_state(model).resolved.initializer, "chosen_scale", None)
@@ -148,7 +155,8 @@ def summarize(runs: dict[float, dict[int, dict]], names: list[str], steps: int) 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "cglora-scale1"))
+    parser.add_argument("--methods", default="lora,cglora,cglora-shift,lora-ga,pissa")
+    parser.add_argument("--targets", choices=sorted(TARGETS), default="qv")
     parser.add_argument("--lr", default="5e-4", help="a learning rate, or several: 2e-4,5e-4,1e-3")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)

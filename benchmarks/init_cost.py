@@ -10,6 +10,8 @@ value, dense), 8 calibration batches of 16 rotten_tomatoes training snippets pad
 - `8 steps`:  8 training steps of geopeft LoRA + AdamW on the 8 batches (the baseline);
 - `cg`, `lora_ga`, `pissa`: the `geopeft.adapt(...)` call that builds and initialises the
   adapters (calibration included for cg and lora_ga), on a fresh copy of the model;
+- `cg sketch`, `cg diagonal`: `cg` with `dense_limit=1024`, so that the 1536-wide sides
+  keep a rank-256 Nyström sketch (`sketch_size=256`) or only the diagonal of their moment;
 - `peft lora_ga`: PEFT's LoRA-GA on the same model and batches, `preprocess_loraga` (its
   gradient estimation: the forward/backward of the batches with weight gradients on the
   target layers) then `get_peft_model` (the SVDs and the base offset) — the route LoRA-GA's
@@ -123,10 +125,10 @@ def contenders(base, batches, rank: int) -> dict[str, Callable[[], None]]:
         opt = geopeft.optimizer(model, torch.optim.AdamW, lr=1e-4)
         return lambda: _train(model, opt, batches)
 
-    def init(method):
+    def init(method, **options):
         def make():
             model = copy.deepcopy(base)
-            return lambda: geopeft.adapt(model, method, init_batches=batches, loss_fn=ce_loss, **common)
+            return lambda: geopeft.adapt(model, method, init_batches=batches, loss_fn=ce_loss, **common, **options)
         return make
 
     def peft_lora_ga():
@@ -144,8 +146,10 @@ def contenders(base, batches, rank: int) -> dict[str, Callable[[], None]]:
 
         return lambda: get_peft_model(preprocess_loraga(model, config, train_step) or model, config)
 
-    return {"8 steps": steps, "cg": init("cglora"), "lora_ga": init("lora-ga"), "pissa": init("pissa"),
-            "peft lora_ga": peft_lora_ga}
+    return {"8 steps": steps, "cg": init("cglora"),
+            "cg sketch": init("cglora", dense_limit=1024, sketch_size=256),
+            "cg diagonal": init("cglora", dense_limit=1024, sketch_size=0),
+            "lora_ga": init("lora-ga"), "pissa": init("pissa"), "peft lora_ga": peft_lora_ga}
 
 
 def _train(model, opt, batches):
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only:
         print("RESULT " + json.dumps(measure(args.only, args)))
         return {}
-    names = ["8 steps", "cg", "lora_ga", "peft lora_ga", "pissa"]
+    names = ["8 steps", "cg", "cg sketch", "cg diagonal", "lora_ga", "peft lora_ga", "pissa"]
     runs: dict[str, list[dict]] = {k: [] for k in names}
     passthrough = ["--rank", str(args.rank), "--batch", str(args.batch), "--seq", str(args.seq),
                    "--batches", str(args.batches)]

@@ -22,10 +22,11 @@ x the unfolded patch) or a token id (Embedding: x one-hot, so A is diagonal).
 Memory is bounded by those matrices: in the backward pass each layer adds x xᵀ of the
 input it saw (kept from its forward until then, as a LoRA training step keeps it for
 ∇A) straight into its (n, n) total and δ δᵀ into its (m, m) total (no per-batch copies,
-except for a layer called more than once in a batch); a side larger than `dense_limit`
-(and the input side of an Embedding) keeps only its diagonal, (n,) or (m,), and
-`output_moment`/`input_moment` are then vectors. Total: Σ_layers (m·n + m² + n²) floats
-at most.
+except for a layer called more than once in a batch). A side k larger than `dense_limit`
+keeps a streamed Nyström `Sketch` of rank `sketch_size` (2·k·s + k floats; exact when
+the moment has rank ≤ s) or, with `sketch_size=0`, only its diagonal (k,); the input
+side of an Embedding (one-hot rows) is always its diagonal. Total: Σ_layers
+(m·n + m² + n²) floats at most.
 
 One forward and one backward per batch, and no weight gradient: a forward hook passes
 each adapted layer's output through an identity autograd node that also takes a shared
@@ -55,8 +56,64 @@ from .interfaces import Adapter
 
 #: batches taken from `init_batches` unless an initializer asks for another number
 DEFAULT_BATCHES = 8
-#: sides of at most this size keep a dense second moment; larger ones keep the diagonal
+#: sides of at most this size keep a dense second moment; larger ones a sketch or the diagonal
 DEFAULT_DENSE_LIMIT = 8192
+
+
+class Sketch:
+    """A streamed Nyström sketch of a PSD second moment M (k, k) too large to keep dense:
+    Y = M·Ω (k, s) for a fixed Gaussian test matrix Ω (k, s), and diag(M) (k,) exactly.
+    Memory 2·k·s + k floats instead of k²; adding the rows X (T, k) costs 4·T·k·s flops
+    instead of 2·T·k². `nystrom()` gives M̂ = Y(ΩᵀY)⁺Yᵀ (rank ≤ s), exact when
+    rank(M) ≤ s, and M̂ ⪯ M (the single-pass Nyström approximation of a PSD matrix, as
+    in Tropp, Yurtsever, Udell, Cevher, "Fixed-rank approximation of a positive-
+    semidefinite matrix from streaming data", NeurIPS 2017)."""
+
+    def __init__(self, y: Tensor, omega: Tensor, diag: Tensor):
+        self.y, self.omega, self.diag = y, omega, diag
+
+    @classmethod
+    def zeros(cls, k: int, size: int, device: torch.device) -> Sketch:
+        gen = torch.Generator(device=device).manual_seed(0)
+        omega = torch.randn(k, size, generator=gen, device=device)
+        return cls(torch.zeros(k, size, device=device), omega, torch.zeros(k, device=device))
+
+    def empty_like(self) -> Sketch:
+        return Sketch(torch.zeros_like(self.y), self.omega, torch.zeros_like(self.diag))
+
+    def add_rows_(self, x: Tensor, alpha: float) -> None:
+        """M += alpha·XᵀX for rows X (T, k)."""
+        self.y.addmm_(x.T, x @ self.omega, alpha=alpha)
+        self.diag.add_((x * x).sum(0), alpha=alpha)
+
+    def add_(self, other: Sketch, alpha: float) -> None:
+        self.y.add_(other.y, alpha=alpha)
+        self.diag.add_(other.diag, alpha=alpha)
+
+    def __truediv__(self, c: float) -> Sketch:
+        return Sketch(self.y / c, self.omega, self.diag / c)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.y.shape[0], self.y.shape[0])
+
+    def nystrom(self) -> tuple[Tensor, Tensor]:
+        """(U (k, r) orthonormal, λ (r,) > 0), r ≤ s, with M̂ = U·diag(λ)·Uᵀ = Y·(ΩᵀY)⁺·Yᵀ, in
+        float64; the pseudo-inverse drops the core's eigenvalues below `NYSTROM_CUTOFF`
+        times the largest (the float32 rounding of Y, which it would otherwise amplify)."""
+        y, omega = self.y.double(), self.omega.double()
+        core = omega.T @ y
+        mu, vecs = torch.linalg.eigh((core + core.T) / 2)
+        keep = mu > NYSTROM_CUTOFF * mu.max().clamp_min(0)
+        if not bool(keep.any()):  # M = 0
+            return y.new_zeros(y.shape[0], 0), y.new_zeros(0)
+        f = y @ (vecs[:, keep] * mu[keep].rsqrt())  # M̂ = F Fᵀ
+        u, sigma, _ = torch.linalg.svd(f, full_matrices=False)
+        return u, sigma.square()
+
+
+#: relative size below which the Nyström core's eigenvalues count as rounding (float32 Y)
+NYSTROM_CUTOFF = 1e-5
 
 
 @dataclass
@@ -64,8 +121,10 @@ class LayerStats:
     """Calibration statistics of one layer (matrix view W (m, n)), float32."""
 
     grad: Tensor                   #: ∇W (m, n), mean over batches
-    input_moment: Tensor | None    #: E[x xᵀ] (n, n), or its diagonal (n,); None if not collected
-    output_moment: Tensor | None   #: T·Σ δ δᵀ (m, m), or its diagonal (m,); None if not collected
+    #: E[x xᵀ] (n, n), its diagonal (n,) or a `Sketch`; None if not collected
+    input_moment: Tensor | Sketch | None
+    #: T·Σ δ δᵀ (m, m), its diagonal (m,) or a `Sketch`; None if not collected
+    output_moment: Tensor | Sketch | None
     batches: int                   #: how many batches were averaged
 
 
@@ -75,16 +134,15 @@ class _Accumulator:
     batch, no per-batch buffers) or, for a layer called more than once in a batch (a shared
     module), into per-batch sums folded by `end_batch`, when T is known."""
 
-    def __init__(self, adapter: Adapter, moments: bool, dense_limit: int):
+    def __init__(self, adapter: Adapter, moments: bool, dense_limit: int, sketch_size: int):
         self.ops = adapter.ops
         m, n = adapter.shape
         dev = adapter.base_layer.weight.device
         self.moments = moments
-        self.dense_in = moments and n <= dense_limit and self.ops.kind != "embedding"
-        self.dense_out = moments and m <= dense_limit
         if moments:
-            self.in_total = torch.zeros((n, n) if self.dense_in else (n,), device=dev)
-            self.out_total = torch.zeros((m, m) if self.dense_out else (m,), device=dev)
+            one_hot = self.ops.kind == "embedding"  # its input moment is diagonal: the id counts
+            self.in_total = _moment_zeros(n, dense_limit, sketch_size, one_hot, dev)
+            self.out_total = _moment_zeros(m, dense_limit, sketch_size, False, dev)
         self.grad_total = torch.zeros(m, n, device=dev)
         self.batches = self.moment_batches = 0
         self.start_batch()
@@ -117,21 +175,17 @@ class _Accumulator:
             self.moment_batches += 1
             return
         if self.sum_xx is None:
-            self.sum_xx, self.sum_gg = torch.zeros_like(self.in_total), torch.zeros_like(self.out_total)
+            self.sum_xx, self.sum_gg = _empty_like(self.in_total), _empty_like(self.out_total)
         self._add_moments(self.sum_xx, self.sum_gg, x, d, 1.0, 1.0)
 
-    def _add_moments(self, xx: Tensor, gg: Tensor, x: Tensor, d: Tensor, a: float, g: float) -> None:
-        """xx += a·Σ x xᵀ (or its diagonal; Embedding: the id counts), gg += g·Σ δ δᵀ (or diagonal)."""
+    def _add_moments(self, xx: Tensor | Sketch, gg: Tensor | Sketch, x: Tensor, d: Tensor,
+                     a: float, g: float) -> None:
+        """xx += a·Σ x xᵀ (Embedding: the id counts on the diagonal), gg += g·Σ δ δᵀ."""
         if self.ops.kind == "embedding":
             xx.add_(torch.bincount(x, minlength=self.ops.n).float(), alpha=a)
-        elif self.dense_in:
-            xx.addmm_(x.T, x, alpha=a)
         else:
-            xx.add_((x * x).sum(0), alpha=a)
-        if self.dense_out:
-            gg.addmm_(d.T, d, alpha=g)
-        else:
-            gg.add_((d * d).sum(0), alpha=g)
+            _add_rows(xx, x, a)
+        _add_rows(gg, d, g)
 
     def end_batch(self) -> None:
         if self.sum_xx is not None and self.rows:  # a shared layer: T is known only now
@@ -147,6 +201,31 @@ class _Accumulator:
             return LayerStats(grad, None, None, self.batches)
         k = max(self.moment_batches, 1)
         return LayerStats(grad, self.in_total / k, self.out_total / k, self.batches)
+
+
+def _moment_zeros(k: int, dense_limit: int, sketch_size: int, diagonal: bool,
+                  device: torch.device) -> Tensor | Sketch:
+    """The running sum of one side's moment: dense (k, k) up to `dense_limit`, above it a
+    rank-`sketch_size` `Sketch` (when 0 < sketch_size < k) or the diagonal (k,)."""
+    if not diagonal and k <= dense_limit:
+        return torch.zeros(k, k, device=device)
+    if not diagonal and 0 < sketch_size < k:
+        return Sketch.zeros(k, sketch_size, device)
+    return torch.zeros(k, device=device)
+
+
+def _empty_like(total: Tensor | Sketch) -> Tensor | Sketch:
+    return total.empty_like() if isinstance(total, Sketch) else torch.zeros_like(total)
+
+
+def _add_rows(total: Tensor | Sketch, rows: Tensor, alpha: float) -> None:
+    """total += alpha·Σ_t r_t r_tᵀ for rows (T, k): dense, sketched or on the diagonal."""
+    if isinstance(total, Sketch):
+        total.add_rows_(rows, alpha)
+    elif total.dim() == 2:
+        total.addmm_(rows.T, rows, alpha=alpha)
+    else:
+        total.add_((rows * rows).sum(0), alpha=alpha)
 
 
 class _Tap(torch.autograd.Function):
@@ -219,11 +298,14 @@ def _output_rows(ops, grad: Tensor) -> Tensor:
 
 def calibrate(model: nn.Module, adapters: Sequence[tuple[str, Adapter]], batches: Iterable[Any],
               loss_fn: Callable[[nn.Module, Any], Tensor], *, num_batches: int = DEFAULT_BATCHES,
-              moments: bool = True, dense_limit: int = DEFAULT_DENSE_LIMIT, train_mode: bool = False,
+              moments: bool = True, dense_limit: int = DEFAULT_DENSE_LIMIT, sketch_size: int = 0,
+              train_mode: bool = False,
               progress: bool = True) -> dict[str, LayerStats]:
     """Run `loss_fn(model, batch)` on the first `num_batches` of `batches` at the base function
-    and return {layer name: LayerStats}. `moments=False` collects ∇W only (cheaper).
-    `train_mode=False` runs the model in eval mode (no dropout: deterministic statistics)."""
+    and return {layer name: LayerStats}. `moments=False` collects ∇W only (cheaper). A side
+    larger than `dense_limit` keeps a rank-`sketch_size` `Sketch` of its moment, or (0, the
+    default) only its diagonal. `train_mode=False` runs the model in eval mode (no dropout:
+    deterministic statistics)."""
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ConfigError(f"the number of calibration batches must be a positive int, got {num_batches!r}")
     if loss_fn is None or not callable(loss_fn):
@@ -234,7 +316,10 @@ def calibrate(model: nn.Module, adapters: Sequence[tuple[str, Adapter]], batches
         if a.base_layer.weight.is_meta:
             raise ConfigError(f"calibration needs the base weight of {name!r}, which is on the meta "
                               "device; load the model's weights first")
-    accs = {name: _Accumulator(a, moments, dense_limit) for name, a in adapters}
+    if not isinstance(sketch_size, int) or isinstance(sketch_size, bool) or sketch_size < 0:
+        raise ConfigError(f"sketch_size must be an int >= 0 (0: keep diagonals above dense_limit), "
+                          f"got {sketch_size!r}")
+    accs = {name: _Accumulator(a, moments, dense_limit, sketch_size) for name, a in adapters}
     probe = _Probe({id(a.base_layer): accs[name] for name, a in adapters})
     todo = itertools.islice(batches, num_batches)
     with ExitStack() as stack:

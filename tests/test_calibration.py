@@ -288,3 +288,36 @@ def test_shared_layer_inplace_op_and_conv1d_view_match_the_dense_definitions():
 def mse_of_output(model, batch):
     x, y = batch
     return F.mse_loss(model(x), y)
+
+
+def test_sketch_is_the_dense_moment_times_the_test_matrix_and_its_exact_diagonal():
+    """Above `dense_limit` with `sketch_size=s`: Y = M·Ω (n, s) and diag(M) of the same M the
+    dense path accumulates (also for the G side, and through a shared layer's per-batch
+    sums); no (k, k) matrix is kept; the Nyström reconstruction is exact when rank(M) ≤ s."""
+    from geopeft.calibration import Sketch
+
+    model = _adapted()
+    batches = _batches()
+    dense = geopeft.calibrate(model, geopeft.adapters(model), batches, mse)
+    sketched = geopeft.calibrate(model, geopeft.adapters(model), batches, mse, dense_limit=5, sketch_size=3)
+    for name, side in (("up", "output_moment"), ("down", "input_moment")):  # the 9-wide sides
+        full, sk = getattr(dense[name], side), getattr(sketched[name], side)
+        assert isinstance(sk, Sketch) and sk.y.shape == (9, 3) and sk.diag.shape == (9,)
+        torch.testing.assert_close(sk.y, full @ sk.omega, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sk.diag, torch.diagonal(full), rtol=1e-5, atol=1e-6)
+    model = SharedInplaceConv1D()
+    geopeft.adapt(model, "lora", targets=["lin"], rank=1)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 3, generator=g)) for _ in range(2)]
+    dense = geopeft.calibrate(model, geopeft.adapters(model), data, mse_of_output)["lin"]
+    sk = geopeft.calibrate(model, geopeft.adapters(model), data, mse_of_output, dense_limit=3,
+                           sketch_size=2)["lin"].input_moment
+    torch.testing.assert_close(sk.y, dense.input_moment @ sk.omega, rtol=1e-5, atol=1e-6)
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 3, generator=gen) @ torch.randn(3, 20, generator=gen)  # rank 3
+    sketch = Sketch.zeros(20, 4, torch.device("cpu"))
+    sketch.add_rows_(rows, 0.5)
+    u, lam = sketch.nystrom()
+    ref = 0.5 * rows.T.double() @ rows.double()
+    torch.testing.assert_close((u * lam) @ u.T, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))

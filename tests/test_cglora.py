@@ -327,8 +327,10 @@ def test_whitened_gradient_singular_values_are_canonical_correlations():
     (-1.7, 10 ** -1.7, 3),   # minimum inside: three decades, then the parabola's vertex exactly
     (-2.2, 10 ** -2.2, 3),
     (-0.2, 1.0, 4),          # still falling at γ = 1: the full step
-    (-3.4, 1e-3, 2),         # rising from the start: the smallest γ
     (-1.0, 1e-1, 4),         # exactly on a decade
+    (-3.4, 10 ** -3.4, 3),   # rising from 10⁻³: one decade down brackets it
+    (-4.6, 10 ** -4.6, 5),   # further down
+    (-7.0, 1e-6, 5),         # still falling at 10⁻⁶: the smallest γ
 ])
 def test_scale_search_brackets_then_takes_the_parabola_vertex(vertex, expected, evaluations):
     from geopeft.plugins.cglora.initializers import search_scale
@@ -399,3 +401,52 @@ def test_cglora_ends_below_lora_after_50_steps_on_minilm_and_a_real_task(minilm)
         with torch.no_grad():
             final[method] = sum(float(ce(model, b)) for b in val) / len(val)
     assert final["cglora"] < final["lora"], final
+
+
+def _cg_delta(model_fn, batches, loss_fn, **options):
+    model = model_fn()
+    geopeft.adapt(model, "cglora", targets=["0"], rank=2, init_batches=batches, loss_fn=loss_fn,
+                  scale=1.0, **options)
+    return geopeft.adapters(model)[0][1].delta_weight().detach().double()
+
+
+@pytest.mark.parametrize("rank_of_moments", ["low", "full"])
+def test_sketched_curvature_is_exact_at_low_rank_and_never_overshoots(rank_of_moments):
+    """Both sides above `dense_limit`. Moments of rank ≤ sketch_size: the sketched `cg` step
+    equals the dense one (Nyström exact, the same damping). Full-rank moments with decaying
+    spectra: the sketched curvature is never below the true one, so its step lowers the
+    dense (damped K-FAC) quadratic model q(ΔW) = ⟨∇W, ΔW⟩ + ½‖G^{1/2}ΔW A^{1/2}‖²; the
+    diagonal fallback's step overshoots on this problem and raises it."""
+    gen = torch.Generator().manual_seed(1)
+    n_in, m_out = 16, 12
+    if rank_of_moments == "low":   # 3-dim inputs, 4 rows: rank(A) = 3, rank(G) <= 4
+        x = torch.randn(4, 3, generator=gen) @ torch.randn(3, n_in, generator=gen)
+        y = torch.randn(4, m_out, generator=gen)
+    else:                          # 64 rows, both spectra decaying over two decades
+        x = torch.randn(64, n_in, generator=gen) * torch.logspace(0, -2, n_in)
+        y = torch.randn(64, m_out, generator=gen) * torch.logspace(0, -2, m_out) * 3
+    batches = [(x, y)]
+
+    def model_fn():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(n_in, m_out))
+
+    def loss_fn(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    dense = _cg_delta(model_fn, batches, loss_fn)
+    sketched = _cg_delta(model_fn, batches, loss_fn, dense_limit=4, sketch_size=6)
+    if rank_of_moments == "low":
+        assert (sketched - dense).norm() <= 1e-4 * dense.norm()
+        return
+    probe = model_fn()
+    geopeft.adapt(probe, "lora", targets=["0"], rank=2)
+    st = geopeft.calibrate(probe, geopeft.adapters(probe), batches, loss_fn)["0"]
+    a, g = (mom.double() + 0.1 * torch.diagonal(mom).mean().double() * torch.eye(len(mom), dtype=torch.float64)
+            for mom in (st.input_moment, st.output_moment))
+
+    def model_value(delta):
+        return float((st.grad.double() * delta).sum() + 0.5 * torch.trace(delta.T @ g @ delta @ a))
+
+    diagonal = _cg_delta(model_fn, batches, loss_fn, dense_limit=4, sketch_size=0)
+    assert model_value(dense) < model_value(sketched) < 0 < model_value(diagonal)

@@ -58,35 +58,48 @@ def _check_batches(num_batches: int) -> int:
     return num_batches
 
 
-#: the scales `scale="auto"` tries, smallest first, before refining between them
-SCALE_DECADES = (1e-3, 1e-2, 1e-1, 1.0)
+#: the scales `scale="auto"` may try: decades from 10⁻⁶ to 1, starting at `SCALE_START`
+SCALE_DECADES = tuple(10.0 ** k for k in range(-6, 1))
+SCALE_START = 1e-3
 
 
 def search_scale(loss_at: Callable[[float], float]) -> float:
     """The γ that `scale="auto"` picks along the ray γ·ΔW₀, from `loss_at(γ)` evaluations.
 
-    Scans `SCALE_DECADES` from the smallest up and stops at the first rise (at most 4
-    evaluations, 3 when the minimum is inside); then, if the best decade has a neighbour
-    on each side, returns the vertex of the parabola through the three points in log10 γ,
-    kept within half a decade of the best one (not evaluated again). A non-finite loss
-    counts as a rise."""
-    xs: list[float] = []
-    ys: list[float] = []
-    for gamma in SCALE_DECADES:
-        y = loss_at(gamma)
-        xs.append(math.log10(gamma))
-        ys.append(y if math.isfinite(y) else math.inf)
-        if len(ys) > 1 and ys[-1] > ys[-2]:
-            break  # past the minimum along the ray
-    i = min(range(len(ys)), key=ys.__getitem__)
-    if not 0 < i < len(ys) - 1 or not all(map(math.isfinite, ys[i - 1:i + 2])):
+    Walks the decades of `SCALE_DECADES` downhill from `SCALE_START`: upward while the
+    loss does not rise (10⁻³, 10⁻², … up to 1), or, when it rises from the start, downward
+    while it falls (10⁻⁴, … down to 10⁻⁶: with many layers overshooting together the best
+    γ can be small). Three evaluations when the minimum is at the start's neighbour or
+    the start, at most five. Then, if the best decade has an evaluated neighbour on each
+    side, returns the vertex of the parabola through the three points in log10 γ, kept
+    within half a decade of the best one (not evaluated again). A non-finite loss counts
+    as a rise."""
+    seen: dict[int, float] = {}
+
+    def loss(i: int) -> float:
+        if i not in seen:
+            y = loss_at(SCALE_DECADES[i])
+            seen[i] = y if math.isfinite(y) else math.inf
+        return seen[i]
+
+    last = len(SCALE_DECADES) - 1
+    i = SCALE_DECADES.index(SCALE_START)
+    if loss(i + 1) <= loss(i):
+        i += 1
+        while i < last and loss(i + 1) <= loss(i):
+            i += 1
+    else:
+        while i > 0 and loss(i - 1) < loss(i):
+            i -= 1
+    if i - 1 not in seen or i + 1 not in seen or not all(map(math.isfinite, (seen[i - 1], seen[i], seen[i + 1]))):
         return SCALE_DECADES[i]
-    y0, y1, y2 = ys[i - 1:i + 2]
+    y0, y1, y2 = seen[i - 1], seen[i], seen[i + 1]
     bend = y0 - 2 * y1 + y2  # > 0 unless y1 ties a neighbour (the decades are 1 apart in log10)
     if not bend > 0:
         return SCALE_DECADES[i]
-    vertex = xs[i] - 0.5 * (y2 - y0) / bend
-    return 10 ** min(max(vertex, xs[i] - 0.5), xs[i] + 0.5)
+    x1 = math.log10(SCALE_DECADES[i])
+    vertex = x1 - 0.5 * (y2 - y0) / bend
+    return 10 ** min(max(vertex, x1 - 0.5), x1 + 0.5)
 
 
 @torch.no_grad()
@@ -111,15 +124,18 @@ class CurvatureGuidedInit(Initializer):
     `scale` γ: a number (1 = the full Newton step), or "auto" (default): `search_scale` on
     the loss of the first `search_batches` calibration batches (3–4 forward passes each;
     the layers' Newton steps are computed independently and overshoot together);
-    `shift` (subtract ΔW₀ from W: the model starts at its base function); `num_batches` (calibration batches used);
-    `dense_limit` (larger sides keep a diagonal second moment); `progress` (a tqdm bar)."""
+    `shift` (subtract ΔW₀ from W: the model starts at its base function); `num_batches`
+    (calibration batches used); `dense_limit` (a larger side keeps its diagonal, or with
+    `sketch_size=s` > 0 a rank-s Nyström sketch of its second moment, whose curvature is
+    never below the true one: `geopeft.calibration.Sketch`); `progress` (a tqdm bar)."""
 
     name = "cg"
     needs_data = True
 
     def __init__(self, damping: float = 0.1, scale: float | str = "auto", shift: bool = False,
                  num_batches: int = DEFAULT_BATCHES, search_batches: int = 1,
-                 dense_limit: int = DEFAULT_DENSE_LIMIT, progress: bool = True):
+                 dense_limit: int = DEFAULT_DENSE_LIMIT, sketch_size: int = 0,
+                 progress: bool = True):
         if not float(damping) >= 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
         if scale != "auto" and not (isinstance(scale, (int, float)) and float(scale) > 0):
@@ -130,6 +146,9 @@ class CurvatureGuidedInit(Initializer):
         self.num_batches = _check_batches(num_batches)
         self.search_batches = _check_batches(search_batches)
         self.dense_limit = int(dense_limit)
+        if not isinstance(sketch_size, int) or isinstance(sketch_size, bool) or sketch_size < 0:
+            raise ValueError(f"sketch_size must be an int >= 0 (0: diagonals above dense_limit), got {sketch_size!r}")
+        self.sketch_size = sketch_size
         self.progress = bool(progress)
         #: the γ the last `initialize` used (the search's choice when scale="auto")
         self.chosen_scale: float | None = None
@@ -137,7 +156,7 @@ class CurvatureGuidedInit(Initializer):
     def initialize(self, adapters: Sequence[tuple[str, Adapter]], model=None, batches=None, loss_fn=None):
         taken = list(itertools.islice(batches, self.num_batches)) if batches is not None else None
         stats = calibrate(model, adapters, taken, loss_fn, num_batches=self.num_batches,
-                          dense_limit=self.dense_limit, progress=self.progress)
+                          dense_limit=self.dense_limit, sketch_size=self.sketch_size, progress=self.progress)
         steps = {}
         for name, adapter in adapters:
             st = stats.pop(name)  # each layer's statistics freed once used
@@ -167,7 +186,7 @@ class CurvatureGuidedInit(Initializer):
     def options(self):
         return {"damping": self.damping, "scale": self.scale, "shift": self.shift,
                 "num_batches": self.num_batches, "search_batches": self.search_batches,
-                "dense_limit": self.dense_limit, "progress": self.progress}
+                "dense_limit": self.dense_limit, "sketch_size": self.sketch_size, "progress": self.progress}
 
 
 class LoRAGAInit(Initializer):

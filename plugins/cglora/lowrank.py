@@ -1,6 +1,7 @@
 """The low-rank linear algebra of the data-aware initializers (fp32, one layer at a time).
 
-    damped_factor(M, λ)         L with L·Lᵀ = M + λ·tr(M)/k·I (Cholesky; √ of a diagonal (k,))
+    damped_factor(M, λ)         L with L·Lᵀ = M + λ·tr(M)/k·I (Cholesky; √ of a diagonal (k,);
+                                a low-rank-plus-identity `SketchFactor` of a `Sketch`)
     top_svd(M, r)               the r leading singular triplets (exact, or randomized when large)
     newton_lowrank(stats, r, λ) (P (m, r), Q (r, n)): P·Q is the best rank-r approximation, in
                                 the K-FAC curvature norm, of the damped Newton step
@@ -12,17 +13,49 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from geopeft.calibration import Sketch
+
 #: above this min(m, n) the top-r SVD is randomized (torch.svd_lowrank: r + max(r, 16)
 #: columns, 6 power iterations); exact at or below it
 EXACT_SVD_LIMIT = 2048
 
 
-def damped_factor(moment: Tensor, damping: float) -> Tensor:
+class SketchFactor:
+    """The symmetric root S = C^{1/2} of the damped curvature a `Sketch` stands for,
+    C = M̂ + (t + λ̄)·I with M̂ = U·diag(λ)·Uᵀ the Nyström approximation (U (k, r)) and
+    t = tr(M) − tr(M̂) ≥ ‖M − M̂‖ (the residual is PSD), so C ⪰ M + λ̄I: the curvature is
+    never underestimated and the Newton step under it decreases the dense quadratic model
+    too. Exact (t = 0) when rank(M) ≤ s. Held as U, (λ + t + λ̄)^{-1/2} (r,) and
+    (t + λ̄)^{-1/2}; S⁻¹ costs O(k·r) per column."""
+
+    def __init__(self, u: Tensor, inv_root: Tensor, tail_inv_root: float):
+        self.u, self.inv_root, self.tail_inv_root = u, inv_root, tail_inv_root
+
+    def solve(self, x: Tensor, transpose: bool) -> Tensor:
+        """S⁻¹·x (= S⁻ᵀ·x: S is symmetric) for x (k, cols)."""
+        return self.tail_inv_root * x + self.u @ ((self.inv_root - self.tail_inv_root)[:, None] * (self.u.mT @ x))
+
+
+def _sketch_factor(sketch: Sketch, damping: float) -> SketchFactor:
+    """The damped factor of a sketched moment, λ̄ = damping·tr(M)/k from the exact trace."""
+    u, lam = sketch.nystrom()
+    trace = sketch.diag.double().clamp_min(0).sum()
+    mean = trace / sketch.diag.numel()
+    lam_bar = damping * mean if mean > 0 else torch.ones_like(mean)
+    lam_bar = lam_bar.clamp_min(max(1e-6 * float(mean), torch.finfo(torch.float64).tiny))
+    shift = (trace - lam.sum()).clamp_min(0) + lam_bar
+    return SketchFactor(u.float(), (lam + shift).rsqrt().float(), float(shift.rsqrt()))
+
+
+def damped_factor(moment: Tensor | Sketch, damping: float) -> Tensor | SketchFactor:
     """L with L·Lᵀ = M + λ̄I, λ̄ = damping·tr(M)/k (damping relative to M's mean eigenvalue,
     so it does not depend on how the loss is normalised): M (k, k) symmetric PSD → its
-    lower Cholesky factor (k, k); M (k,) a diagonal → √(M + λ̄) (k,). M = 0 gives I.
+    lower Cholesky factor (k, k); M (k,) a diagonal → √(M + λ̄) (k,); a `Sketch` → the
+    symmetric root `SketchFactor` of its Nyström approximation + λ̄I. M = 0 gives I.
     A matrix that is not numerically positive definite (damping 0) gets a jitter of
     1e-6·tr(M)/k."""
+    if isinstance(moment, Sketch):
+        return _sketch_factor(moment, damping)
     m = moment.float()
     mean = (m if m.dim() == 1 else torch.diagonal(m)).mean().clamp_min(0)
     lam = damping * mean if mean > 0 else torch.ones_like(mean)
@@ -35,8 +68,10 @@ def damped_factor(moment: Tensor, damping: float) -> Tensor:
     return factor
 
 
-def _solve_left(factor: Tensor, x: Tensor, transpose: bool) -> Tensor:
-    """L⁻¹·x (or L⁻ᵀ·x) for a lower-triangular (k, k) L, or a (k,) diagonal."""
+def _solve_left(factor: Tensor | SketchFactor, x: Tensor, transpose: bool) -> Tensor:
+    """L⁻¹·x (or L⁻ᵀ·x) for a lower-triangular (k, k) L, a (k,) diagonal or a `SketchFactor`."""
+    if isinstance(factor, SketchFactor):
+        return factor.solve(x, transpose)
     if factor.dim() == 1:
         return x / factor[:, None]
     return torch.linalg.solve_triangular(factor.mT if transpose else factor, x, upper=transpose)
