@@ -1,7 +1,8 @@
 """The low-rank linear algebra of the data-aware initializers (fp32, one layer at a time).
 
     damped_factor(M, λ)         L with L·Lᵀ = M + λ·tr(M)/k·I (Cholesky; √ of a diagonal (k,);
-                                a low-rank-plus-identity `SketchFactor` of a `Sketch`)
+                                for a `Sketch`, a low-rank-plus-identity `SketchFactor`
+                                whose curvature is never below M's)
     top_svd(M, r)               the r leading singular triplets (exact, or randomized when large)
     newton_lowrank(stats, r, λ) (P (m, r), Q (r, n)): P·Q is the best rank-r approximation, in
                                 the K-FAC curvature norm, of the damped Newton step
@@ -51,7 +52,8 @@ def damped_factor(moment: Tensor | Sketch, damping: float) -> Tensor | SketchFac
     """L with L·Lᵀ = M + λ̄I, λ̄ = damping·tr(M)/k (damping relative to M's mean eigenvalue,
     so it does not depend on how the loss is normalised): M (k, k) symmetric PSD → its
     lower Cholesky factor (k, k); M (k,) a diagonal → √(M + λ̄) (k,); a `Sketch` → the
-    symmetric root `SketchFactor` of its Nyström approximation + λ̄I. M = 0 gives I.
+    symmetric root `SketchFactor` of M̂ + (tr M − tr M̂ + λ̄)·I (M̂ its Nyström
+    approximation). M = 0 gives I.
     A matrix that is not numerically positive definite (damping 0) gets a jitter of
     1e-6·tr(M)/k."""
     if isinstance(moment, Sketch):
