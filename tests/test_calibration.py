@@ -321,3 +321,10 @@ def test_sketch_is_the_dense_moment_times_the_test_matrix_and_its_exact_diagonal
     u, lam = sketch.nystrom()
     ref = 0.5 * rows.T.double() @ rows.double()
     torch.testing.assert_close((u * lam) @ u.T, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("size", [-1, 2.5, True])
+def test_a_bad_sketch_size_is_a_clear_error(size):
+    model = _adapted()
+    with pytest.raises(ConfigError, match="sketch_size must be an int >= 0"):
+        geopeft.calibrate(model, geopeft.adapters(model), _batches(), mse, sketch_size=size)
