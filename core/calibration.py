@@ -93,10 +93,6 @@ class Sketch:
     def __truediv__(self, c: float) -> Sketch:
         return Sketch(self.y / c, self.omega, self.diag / c)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.y.shape[0], self.y.shape[0])
-
     def nystrom(self) -> tuple[Tensor, Tensor]:
         """(U (k, r) orthonormal, λ (r,) > 0), r ≤ s, with M̂ = U·diag(λ)·Uᵀ = Y·(ΩᵀY)⁺·Yᵀ, in
         float64; the pseudo-inverse drops the core's eigenvalues below `NYSTROM_CUTOFF`
