@@ -144,7 +144,11 @@ def contenders(base, batches, rank: int) -> dict[str, Callable[[], None]]:
             for batch in batches:
                 ce_loss(model, batch).backward()
 
-        return lambda: get_peft_model(preprocess_loraga(model, config, train_step) or model, config)
+        def run():
+            preprocess_loraga(model, config, train_step)  # attaches the estimated gradients to the layers
+            get_peft_model(model, config)                 # SVDs, factors, base offset
+
+        return run
 
     return {"8 steps": steps, "cg": init("cglora"),
             "cg sketch": init("cglora", dense_limit=1024, sketch_size=256),

@@ -199,6 +199,13 @@ class _Accumulator:
         return LayerStats(grad, self.in_total / k, self.out_total / k, self.batches)
 
 
+def check_sketch_size(size: Any) -> int:
+    """`size` if it is an int >= 0, else a ConfigError naming the fix."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ConfigError(f"sketch_size must be an int >= 0 (0: keep diagonals above dense_limit), got {size!r}")
+    return size
+
+
 def _moment_zeros(k: int, dense_limit: int, sketch_size: int, diagonal: bool,
                   device: torch.device) -> Tensor | Sketch:
     """The running sum of one side's moment: dense (k, k) up to `dense_limit`, above it a
@@ -312,10 +319,7 @@ def calibrate(model: nn.Module, adapters: Sequence[tuple[str, Adapter]], batches
         if a.base_layer.weight.is_meta:
             raise ConfigError(f"calibration needs the base weight of {name!r}, which is on the meta "
                               "device; load the model's weights first")
-    if not isinstance(sketch_size, int) or isinstance(sketch_size, bool) or sketch_size < 0:
-        raise ConfigError(f"sketch_size must be an int >= 0 (0: keep diagonals above dense_limit), "
-                          f"got {sketch_size!r}")
-    accs = {name: _Accumulator(a, moments, dense_limit, sketch_size) for name, a in adapters}
+    accs = {name: _Accumulator(a, moments, dense_limit, check_sketch_size(sketch_size)) for name, a in adapters}
     probe = _Probe({id(a.base_layer): accs[name] for name, a in adapters})
     todo = itertools.islice(batches, num_batches)
     with ExitStack() as stack:

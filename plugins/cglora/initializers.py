@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from geopeft import Adapter, ConfigError, Initializer, calibrate
-from geopeft.calibration import DEFAULT_BATCHES, DEFAULT_DENSE_LIMIT
+from geopeft.calibration import DEFAULT_BATCHES, DEFAULT_DENSE_LIMIT, check_sketch_size
 from geopeft.shift import shift_base
 
 from .lowrank import newton_lowrank, product_svd, top_svd
@@ -146,9 +146,7 @@ class CurvatureGuidedInit(Initializer):
         self.num_batches = _check_batches(num_batches)
         self.search_batches = _check_batches(search_batches)
         self.dense_limit = int(dense_limit)
-        if not isinstance(sketch_size, int) or isinstance(sketch_size, bool) or sketch_size < 0:
-            raise ValueError(f"sketch_size must be an int >= 0 (0: diagonals above dense_limit), got {sketch_size!r}")
-        self.sketch_size = sketch_size
+        self.sketch_size = check_sketch_size(sketch_size)
         self.progress = bool(progress)
         #: the γ the last `initialize` used (the search's choice when scale="auto")
         self.chosen_scale: float | None = None
