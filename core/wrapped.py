@@ -15,6 +15,13 @@ from typing import Any
 import torch
 
 
+def _inner_attribute(name: str) -> property:
+    """A property read from and written to `self.optimizer.<name>`."""
+    return property(lambda self: getattr(self.optimizer, name),
+                    lambda self, value: setattr(self.optimizer, name, value),
+                    doc=f"the inner optimizer's `{name}`")
+
+
 class WrappedOptimizer(torch.optim.Optimizer):
     """Delegates everything torch expects of an optimizer to `self.optimizer`;
     subclasses implement `_step(closure)` and may react to `_params_changed()`."""
@@ -31,29 +38,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    param_groups = _inner_attribute("param_groups")
+    state = _inner_attribute("state")
+    defaults = _inner_attribute("defaults")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
