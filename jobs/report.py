@@ -10,7 +10,8 @@ from .train import FULL
 COLUMNS = [  # (key, header)
     ("method", "method"), ("lr", "lr"), ("test_acc", "test acc"), ("gap_to_full", "gap to full"),
     ("val_acc", "val acc"), ("step_time_vs_lora", "step time vs LoRA"),
-    ("trainable_params", "trainable params"), ("optimizer_state_bytes", "optimizer state"),
+    ("total_rank", "total rank"), ("trainable_params", "trainable params"),
+    ("optimizer_state_bytes", "optimizer state"),
     ("violation", "invariant violation"),
 ]
 
@@ -27,6 +28,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "gap_to_full": None if full_acc is None else 100.0 * (r["test_acc"] - full_acc),
             "step_time": r["step_time"],
             "step_time_vs_lora": r["step_time"] / lora_time if lora_time else None,
+            "total_rank": sum(r["ranks"].values()) if r.get("ranks") else None,
             "trainable_params": r["trainable_params"],
             "optimizer_state_bytes": r["optimizer_state_bytes"], "violation": r["violation"],
         })
@@ -100,7 +102,8 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict
              + (f" (first {cfg.data.max_eval} examples)" if cfg.data.max_eval else "")
              + "; gap to full: test acc minus full fine-tuning's, in points; val acc: the "
                "validation split at the last step; step time vs LoRA: median time of one training "
-               "step (forward, backward, optimizer) over LoRA's; optimizer state: bytes of every "
+               "step (forward, backward, optimizer) over LoRA's; total rank: the adapters' ranks summed at the "
+               "end (rank-adaptive recipes change it); optimizer state: bytes of every "
                "tensor the optimizer keeps; invariant violation: the largest distance of a factor "
                "from its manifold at the end (— for Euclidean factors only). See docs/compare.md.\n")
     return head + table(rows) + notes + sweep_table(list(results))

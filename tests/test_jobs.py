@@ -56,6 +56,7 @@ def test_compare_writes_table_json_and_png(tiny_config, capsys):
     assert by["full"]["gap_to_full"] == 0.0 and by["lora"]["step_time_vs_lora"] == 1.0
     assert by["tiny_stella"]["violation"] < 1e-5 and by["lora"]["violation"] is None  # Stiefel U, V
     assert by["full"]["trainable_params"] > 50 * by["lora"]["trainable_params"]
+    assert by["lora"]["total_rank"] == 4 * 4 and by["full"]["total_rank"] is None  # rank 4 × 4 layers
     table = (out / "compare.md").read_text()
     assert sum(line.startswith("| lora |") or line.startswith("| tiny_stella |")
                or line.startswith("| full |") for line in table.splitlines()) == 3
