@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from geopeft.errors import ConfigError
+
 from .config import check_methods, load_config, to_yaml
 
 
@@ -15,6 +17,8 @@ def prepare(cfg):
     from .models import encode
 
     d = cfg.data
+    if cfg.model.path or d.path or cfg.task != "classification":  # being built: never ignore them
+        raise ConfigError("model.path, data.path and task=causal_lm are not wired into the jobs yet")
     dataset = load_dataset(d.name, d.val_fraction, d.test_fraction, d.split_seed, d.image_size)
     print(dataset.summary())
     return encode(dataset, cfg.model)

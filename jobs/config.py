@@ -88,7 +88,29 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
     if cfg.run is None:
         cfg.run = Path(path).stem if path is not None else "run"
     check_values(cfg)
+    resolve_defaults(cfg)
     return cfg
+
+
+ENCODER_TARGETS = ["query", "key", "value", "dense"]
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def resolve_defaults(cfg: DictConfig) -> None:
+    """Fill what null means for this model and task, and make the user's paths absolute, so
+    the resolved config (config.yaml) says what ran."""
+    if cfg.adapt.targets is None and not cfg.model.path and cfg.model.kind in ("minilm", "bert"):
+        cfg.adapt.targets = list(ENCODER_TARGETS)
+    if cfg.adapt.trainable is None:
+        if cfg.task == "causal_lm":
+            cfg.adapt.trainable = []
+        elif not cfg.model.path:
+            cfg.adapt.trainable = ["classifier"]
+    if cfg.model.path and Path(cfg.model.path).expanduser().is_dir():
+        cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())
+    for key in ("path", "val_path", "test_path"):
+        if cfg.data[key]:
+            cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -104,8 +126,32 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"config key {key!r} must be at least 1, got {OmegaConf.select(cfg, key)}")
     if not 0 <= cfg.train.warmup < 1:
         raise ConfigError(f"config key 'train.warmup' is a share of the steps in [0, 1), got {cfg.train.warmup}")
-    if cfg.model.kind in ("timm", "torchvision") and not cfg.model.name:
+    if cfg.model.kind in ("timm", "torchvision") and not cfg.model.name and not cfg.model.path:
         raise ConfigError(f"model.kind={cfg.model.kind} needs model.name (e.g. resnet18)")
+    if cfg.model.path and cfg.model.kind != "minilm":
+        raise ConfigError(f"model.path ({cfg.model.path!r}) and model.kind ({cfg.model.kind!r}) both "
+                          "name a model: keep one (model.path replaces model.kind)")
+    if cfg.task == "causal_lm" and not cfg.model.path:
+        raise ConfigError("task=causal_lm fine-tunes a Hugging Face causal LM: set model.path to its "
+                          "directory (config.json, weights and tokenizer)")
+    if cfg.task == "causal_lm" and not cfg.data.path:
+        raise ConfigError("task=causal_lm trains on your file: set data.path (.jsonl, .json, .csv or "
+                          ".parquet with prompt and response, or messages)")
+    if cfg.data.path and cfg.model.path == "" and cfg.model.kind not in ("minilm", "bert"):
+        raise ConfigError(f"data.path holds text; model.kind={cfg.model.kind} reads images: use "
+                          "model.kind minilm or bert, or model.path")
+    for key in ("path", "val_path", "test_path"):
+        name = cfg.data[key]
+        if not name:
+            continue
+        if not name.endswith(DATA_SUFFIXES):
+            raise ConfigError(f"data.{key} {name!r} is not a data file this job reads: "
+                              f"{', '.join(DATA_SUFFIXES)}")
+        if not Path(name).expanduser().is_file():
+            raise ConfigError(f"data.{key}: file {name!r} does not exist (relative paths are "
+                              f"relative to the working directory, {str(Path.cwd())!r})")
+    if (cfg.data.val_path or cfg.data.test_path) and not cfg.data.path:
+        raise ConfigError("data.val_path / data.test_path need data.path, the training file")
 
 
 def check_methods(names: Sequence[str]) -> None:
