@@ -188,6 +188,17 @@ class Adapter(nn.Module, abc.ABC):
             return factors
         return tuple(f if f.dtype == x.dtype else f.to(x.dtype) for f in factors)
 
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """Every parameter an adapter holds is stored contiguous, however it was made (a
+        QR factor is column-major) or assigned (`self.U = ...`, `resize`, `load`): a resume
+        or reload is bitwise only if the factors have the trained run's layout, since BLAS
+        may round a transposed operand differently. The Parameter keeps its identity (its
+        `.data` is replaced by a contiguous copy); sharded (DTensor) parameters are left
+        alone."""
+        if param is not None and type(param.data) is Tensor and not param.is_contiguous():
+            param.data = param.data.contiguous()
+        super().register_parameter(name, param)
+
     # -- what the base layer is
     @property
     def base_layer(self) -> nn.Module:

@@ -65,3 +65,13 @@ def requires_grad_map(model: nn.Module) -> dict[str, bool]:
 def module_types(model: nn.Module) -> dict[str, type]:
     """{module name: type}: whether a failed call left the model's structure untouched."""
     return {n: type(m) for n, m in model.named_modules()}
+
+
+def factor_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """{layer.factor: (shape, strides)} of every adapter factor: a resumed or reloaded model
+    computes bitwise like the trained one only if these are equal (BLAS may round a
+    transposed operand differently)."""
+    import geopeft
+
+    return {f"{n}.{f}": (tuple(p.shape), p.stride()) for n, a in geopeft.adapters(model)
+            for f, p in a.factors().items()}

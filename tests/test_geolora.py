@@ -15,7 +15,7 @@ import geopeft
 from geopeft import kernels as K
 from geopeft.geometry import max_violation
 
-from helpers import TinyNet, tiny_batch, tiny_regression, train
+from helpers import TinyNet, factor_layouts, tiny_batch, tiny_regression, train
 
 TINY_TARGETS = ["query", "value", "ffn.0", "ffn.2"]
 
@@ -152,6 +152,7 @@ def test_state_dict_and_save_load_after_rank_changes_reproduce_outputs_and_the_n
     geopeft.save(model, tmp_path)
     torch.manual_seed(0)
     twin = geopeft.load(TinyNet(), tmp_path)
+    assert factor_layouts(twin) == factor_layouts(model)  # same shapes and strides: same BLAS path
     ids = tiny_batch(5)
     assert torch.equal(twin(ids), model(ids))
     twin_opt = geopeft.optimizer(twin, torch.optim.AdamW, lr=2e-2)
@@ -162,6 +163,7 @@ def test_state_dict_and_save_load_after_rank_changes_reproduce_outputs_and_the_n
     for (_, a), (_, b) in zip(geopeft.adapters(model), geopeft.adapters(twin)):
         assert a.rank == b.rank and all(torch.equal(x, y) for x, y in zip(a.factors().values(),
                                                                          b.factors().values()))
+    assert factor_layouts(twin) == factor_layouts(model)
 
 
 def test_export_peft_writes_the_per_layer_ranks_and_peft_loads_equal_outputs(tmp_path):

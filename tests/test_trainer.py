@@ -9,6 +9,8 @@ import torch
 import geopeft
 from geopeft.geometry import max_violation
 
+from helpers import factor_layouts
+
 TEXTS = ["a good day", "a bad day", "good food here", "bad service there", "very good indeed",
          "really bad news", "good people", "bad weather"]
 
@@ -88,7 +90,12 @@ def test_resume_restores_changed_ranks(tmp_path):
     and the rank controller run once per optimizer step."""
     import json
 
-    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from geopeft.integrations.transformers import GeoTrainer
 
@@ -106,15 +113,23 @@ def test_resume_restores_changed_ranks(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, learning_rate=1e-2, save_steps=4,
                              report_to=[], use_cpu=True, disable_tqdm=True)
-    model = make()
-    run = GeoTrainer(model=model, args=args, train_dataset=data)
+    class Layouts(TrainerCallback):  # the factors' (shape, strides) as each step begins
+        def __init__(self):
+            self.at = {}
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.at.setdefault(state.global_step, factor_layouts(model))
+
+    model, seen, seen_again = make(), Layouts(), Layouts()
+    run = GeoTrainer(model=model, args=args, train_dataset=data, callbacks=[seen])
     run.train()
     assert run.optimizer.optimizer.step_count == 8  # not 16, the micro-batches
     saved = json.loads((tmp_path / "checkpoint-4" / "geopeft.json").read_text())["layers"]
     assert {info["rank"] for info in saved.values()} != {4}  # the checkpoint's ranks moved
     again = make()
-    GeoTrainer(model=again, args=args, train_dataset=data).train(
+    GeoTrainer(model=again, args=args, train_dataset=data, callbacks=[seen_again]).train(
         resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert seen_again.at[4] == seen.at[4]  # resumed with the trained layouts: the same BLAS path
     assert {n: a.rank for n, a in geopeft.adapters(again)} == {n: a.rank for n, a in geopeft.adapters(model)}
     final, resumed = trained(model), trained(again)
     assert final.keys() == resumed.keys() and all(torch.equal(final[n], resumed[n]) for n in final)
