@@ -43,6 +43,7 @@ def check_config(config: dict[str, Any], file: Path) -> None:
         kind = c.field(info, "kind", f"one of {', '.join(LAYER_KINDS)}", lambda v: v in LAYER_KINDS, path)
         shape = c.field(info, "shape", "[m, n]: two positive ints", _shape_of(2), path)
         c.field(info, "dtype", f"one of {', '.join(FACTOR_DTYPES)}", lambda v: v in FACTOR_DTYPES, path)
+        c.optional(info, "scaling", "a positive finite number (the adapter's scale)", _positive_number, path)
         c.optional(info, "shift_rank", "a positive int (the rank of its base-weight shift)",
                    _positive_int, path)
         if "weight_shape" in info:

@@ -6,7 +6,8 @@ whose base weight an initializer shifted, `shifts.<layer>.B` / `.A` (its
 `shift_rank` is in geopeft.json; `load` replays W ← W − s·B₀·A₀ bit for bit).
 geopeft.json holds the format version, the versions of geopeft and torch, the
 resolved recipe (every component's name and options) and, per layer, its
-rank, kind, matrix shape and factor dtype — everything `load` needs to rebuild
+rank, kind, matrix shape, factor dtype and scaling (fixed when the adapter was made:
+a rank controller that changes the rank keeps it) — everything `load` needs to rebuild
 the same adapters on a fresh base model.
 """
 
@@ -66,7 +67,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             tensors[f"adapters.{name}.{fname}"] = full(p).detach().contiguous().cpu()
         layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
                         "weight_shape": list(adapter.base_layer.weight.shape),
-                        "dtype": str(adapter.factor_dtype).removeprefix("torch.")}
+                        "dtype": str(adapter.factor_dtype).removeprefix("torch."),
+                        "scaling": adapter.scaling}  # set at adapt: a later rank change keeps it
         shift = base_shift(adapter)
         if shift is not None:  # the initializer's W ← W − s·B0·A0, replayed by load
             tensors[f"shifts.{name}.B"] = full(shift[0]).detach().contiguous().cpu()
@@ -149,6 +151,8 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
         built = build_adapters(resolved, found, ranks, config["rank"], dtypes)
     except ConfigError as exc:
         raise CheckpointError(f"{cfg}: {exc}") from exc
+    for name, _, adapter in built:
+        adapter.scaling = _saved_scaling(cfg, config, resolved, name, adapter)
     if materialize is not None:
         for _, _, adapter in built:
             adapter.to_empty(device=materialize)
@@ -191,6 +195,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, info in config["layers"].items():
         if current[name].rank != info["rank"]:
             current[name].resize(info["rank"])
+        current[name].scaling = info.get("scaling", current[name].scaling)
     expected = _described(current.items(), trainable_params(root, state.trainable))
     saved_shifts = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("shifts.")]}
     for key, t in saved_shifts.items():
@@ -202,6 +207,26 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for name, adapter in current.items():
             _restore_shift(adapter, saved_shifts.get(f"shifts.{name}.B"), saved_shifts.get(f"shifts.{name}.A"))
     return model
+
+
+def _saved_scaling(cfg: Path, config: dict[str, Any], resolved, name: str, adapter) -> float:
+    """The scaling layer `name` was trained with: its `scaling` entry. A file written
+    before scalings were recorded gives the rebuilt adapter's own (alpha / saved rank),
+    which is the trained one unless the method changes ranks and alpha or rslora makes
+    the scaling depend on the initial rank: that case is refused, not guessed."""
+    info = config["layers"][name]
+    if "scaling" in info:
+        return float(info["scaling"])
+    rank_dependent = resolved.adapter_options.get("alpha") is not None or adapter.rslora
+    if rank_dependent and not resolved.rank_controller.static and info["rank"] != config["rank"]:
+        raise CheckpointError(
+            f"{cfg}: layer {name!r} lacks the 'scaling' entry (the file predates it) and its rank "
+            f"moved during training ({config['rank']} -> {info['rank']}, rank controller "
+            f"{resolved.recipe.rank_controller!r}); its trained scaling was set from the rank it "
+            f"started at, which the file does not hold, so alpha / {info['rank']} could be a different "
+            "function: save the trained model again with this geopeft, or add "
+            "\"scaling\": <alpha / initial rank> to the layer's entry")
+    return adapter.scaling
 
 
 def _restore_shift(adapter, b0: torch.Tensor | None, a0: torch.Tensor | None) -> None:

@@ -3,6 +3,9 @@ contiguous, however it was made), scalings after rank changes, frozen loads."""
 
 from __future__ import annotations
 
+import json
+
+import peft
 import pytest
 import torch
 from torch import nn
@@ -61,3 +64,59 @@ def test_every_methods_factors_are_contiguous_after_adapt_load_and_rank_changes(
     for p in (p for _, a in geopeft.adapters(loaded) for p in a.factors().values()):
         assert all(s.stride() == p.stride() for s in opt.state.get(p, {}).values()
                    if torch.is_tensor(s) and s.shape == p.shape)
+
+
+def _adapt_rank_changing(method: str, rank: int, alpha: float) -> nn.Module:
+    torch.manual_seed(0)
+    options = {"total_steps": 10, "target_rank": 1} if method == "adalora" else {"r_max": rank}
+    model = geopeft.adapt(TinyNet(), method, targets=TARGETS, rank=rank, alpha=alpha, **options)
+    with torch.no_grad():
+        for _, a in geopeft.adapters(model):
+            a.S.normal_()  # a trained core (zero_core starts it at 0)
+    return model
+
+
+@pytest.mark.parametrize("method, rank, alpha", [("geolora", 8, 8.0), ("adalora", 4, 16.0)])
+def test_a_rank_changed_adapter_with_explicit_alpha_reloads_as_the_same_function(method, rank, alpha,
+                                                                                tmp_path):
+    """Training keeps the scaling alpha / initial rank through rank changes; `load` rebuilds
+    each layer at its saved rank and must keep that scaling, not take alpha / saved rank.
+    PEFT's export carries the same function."""
+    model = _adapt_rank_changing(method, rank, alpha)
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1)
+    opt.resize_many([RankChange(n, r) for n, r in zip(TARGETS, (3, 2, rank))])  # forced rank changes
+    ids = tiny_batch(2, 4)
+    geopeft.save(model, tmp_path / "saved")
+    torch.manual_seed(0)
+    loaded = geopeft.load(TinyNet(), tmp_path / "saved")
+    assert {n: a.scaling for n, a in geopeft.adapters(loaded)} == {n: alpha / rank for n in TARGETS}
+    assert torch.equal(loaded(ids), model(ids))
+    geopeft.export_peft(loaded, tmp_path / "peft")
+    torch.manual_seed(0)
+    via_peft = peft.PeftModel.from_pretrained(TinyNet(), str(tmp_path / "peft"))
+    torch.testing.assert_close(via_peft(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_without_scalings_loads_where_unambiguous_and_is_refused_where_not(tmp_path):
+    """Files written before scalings were recorded: a fixed-rank method's rebuilt scaling is
+    the trained one; a rank-changing method with an explicit alpha cannot be told apart."""
+    def strip_scalings(directory):
+        cfg = json.loads((directory / "geopeft.json").read_text())
+        for info in cfg["layers"].values():
+            del info["scaling"]
+        (directory / "geopeft.json").write_text(json.dumps(cfg))
+
+    torch.manual_seed(0)
+    lora = geopeft.adapt(TinyNet(), "lora", targets=TARGETS, rank=4, alpha=16.0)
+    geopeft.save(lora, tmp_path / "lora")
+    strip_scalings(tmp_path / "lora")
+    torch.manual_seed(0)
+    assert torch.equal(geopeft.load(TinyNet(), tmp_path / "lora")(tiny_batch(2, 4)), lora(tiny_batch(2, 4)))
+    model = _adapt_rank_changing("geolora", 8, 8.0)
+    geopeft.optimizer(model, torch.optim.SGD, lr=0.1).resize("query", 3)
+    geopeft.save(model, tmp_path / "geolora")
+    strip_scalings(tmp_path / "geolora")
+    fresh = TinyNet()
+    with pytest.raises(geopeft.CheckpointError, match=r"layer 'query' lacks the 'scaling' entry.*8 -> 3"):
+        geopeft.load(fresh, tmp_path / "geolora")
+    assert geopeft.model.find_state(fresh) is None  # the model is untouched

@@ -64,7 +64,7 @@ def test_saved_config_records_recipe_ranks_and_versions(tiny, tmp_path):
         "alpha": 8, "rslora": True, "dropout": 0.1}}
     assert config["layers"]["query"] == {"rank": 4, "kind": "linear", "shape": [16, 16],
                                          "weight_shape": [16, 16],
-                                         "dtype": "float32"}
+                                         "dtype": "float32", "scaling": 4.0}  # 8 / √4
     assert config["layers"]["embed"]["kind"] == "embedding"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "geopeft.json"]
 
@@ -276,6 +276,7 @@ HOSTILE = [
     ("layers.query.rank", ...), ("layers.query.kind", "lstm"), ("layers.query.shape", [16]),
     ("layers.query.shape", ["16", 16]), ("layers.query.dtype", "int8"), ("layers.query.dtype", None),
     ("layers.query.weight_shape", [16, 17]), ("layers.query.weight_shape", [16, 16, 1, 1]),
+    ("layers.query.scaling", 0.0), ("layers.query.scaling", "2"),
     ("recipe", "lora"), ("recipe.method", ...), ("recipe.adapter", "lora"), ("recipe.adapter.name", 5),
     ("recipe.adapter.options", []), ("recipe.manifolds", ["A"]), ("recipe.manifolds.A", "euclidean"),
     ("recipe.manifolds.A.name", ""), ("recipe.transforms", {}), ("recipe.transforms", [7]),
