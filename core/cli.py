@@ -78,7 +78,7 @@ def _add_job_parsers(sub) -> None:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 method=stella")
     train.add_argument("--resume", action="store_true", help="continue from <output_dir>/<run>/checkpoint")
     train.set_defaults(func=_job("train"))
-    comp = sub.add_parser("compare", help="several recipes and full fine-tuning, one budget and seed")
+    comp = sub.add_parser("compare", help="several recipes and full fine-tuning, one budget, one or more seeds")
     comp.add_argument("config", help="YAML config (see configs/)")
     comp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods=[lora,stella]")
     comp.add_argument("--lr-sweep", action="store_true",

@@ -1,8 +1,13 @@
-"""`geopeft compare`: several recipes and full fine-tuning under one budget and seed."""
+"""`geopeft compare`: several recipes and full fine-tuning under one budget, over one or
+more seeds, each (recipe, seed, lr) run in its own process when `jobs` > 1."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,50 +26,156 @@ def lr_grid(cfg, method: str) -> list[float]:
     return sorted({round(base * f, 12) for f in cfg.sweep.factors})
 
 
-def _train(cfg, method: str, data, out: Path, lr: float | None, reuse: bool) -> dict[str, Any]:
-    """train_run, or with `reuse` the metrics a run of the same key left in `out`."""
-    lr = lr if lr is not None else resolve_lr(cfg, method)[0]
-    saved = out / "metrics.json"
+def seeds_of(cfg) -> list[int]:
+    """The seeds a compare runs: `seeds`, else [train.seed]."""
+    return list(cfg.seeds) or [cfg.train.seed]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a compare: recipe, seed, lr and the directory it writes."""
+
+    method: str
+    seed: int
+    lr: float
+    out: str
+    swept: bool
+
+
+def plan(cfg, out: Path, lr_sweep: bool) -> list[Run]:
+    """Every run, recipe by recipe (table order), then seed, then lr. One seed keeps the
+    single-seed layout (<out>/<method>/); several put each under <out>/seed<s>/."""
+    seeds = seeds_of(cfg)
+    runs = []
+    for method in list(cfg.methods) + ([FULL] if cfg.full else []):
+        swept = lr_sweep and (method != FULL or cfg.sweep.full)
+        lrs = lr_grid(cfg, method) if swept else [resolve_lr(cfg, method)[0]]
+        for seed in seeds:
+            base = out / f"seed{seed}" if len(seeds) > 1 else out
+            for lr in lrs:
+                where = base / "sweep" / f"{method}-lr{lr:g}" if swept else base / method
+                runs.append(Run(method, seed, lr, str(where), swept))
+    return runs
+
+
+def seeded(cfg, seed: int, **train):
+    """A copy of cfg with train.seed = seed (and any other train.* given)."""
+    c = copy.deepcopy(cfg)
+    c.train.seed = seed
+    for key, value in train.items():
+        c.train[key] = value
+    return c
+
+
+def _train(cfg, run: Run, data, reuse: bool) -> dict[str, Any]:
+    """train_run, or with `reuse` the metrics a run of the same key left in run.out."""
+    cfg = seeded(cfg, run.seed)
+    saved = Path(run.out) / "metrics.json"
     if reuse and saved.is_file():
         m = json.loads(saved.read_text())
-        if m.get("run_key") == run_key(cfg, method, lr):
-            print(f"{method:>8}: reusing {saved}")
+        if m.get("run_key") == run_key(cfg, run.method, run.lr) and "test_correct" in m:
+            print(f"{run.method:>8}: reusing {saved}")
             return m
-    return train_run(cfg, method, data, out, lr=lr)
+    return train_run(cfg, run.method, data, Path(run.out), lr=run.lr)
 
 
-def run_method(cfg, method: str, data, out: Path, lr_sweep: bool, reuse: bool = False) -> dict[str, Any]:
-    """Train `method` once, or at each lr of its grid keeping the best validation accuracy
-    (the test split is never looked at to choose)."""
-    sweep = lr_sweep and (method != FULL or cfg.sweep.full)
-    if not sweep:
-        return _train(cfg, method, data, out / method, None, reuse)
-    tried = []
-    for lr in lr_grid(cfg, method):
-        m = _train(cfg, method, data, out / "sweep" / f"{method}-lr{lr:g}", lr, reuse)
-        tried.append({"lr": lr, "val_acc": m["val_acc"], "test_acc": m["test_acc"]})
-        print(f"  {method} lr {lr:g}: val acc {m['val_acc']:.4f}")
-    best = max(tried, key=lambda t: t["val_acc"])  # first of equals: the smaller lr
-    m = json.loads((out / "sweep" / f"{method}-lr{best['lr']:g}" / "metrics.json").read_text())
-    m["sweep"] = tried
-    return m
+_WORKER_DATA: dict | None = None
+
+
+def _worker_init(data) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+
+
+def _worker_run(cfg, run: Run, reuse: bool) -> dict[str, Any]:
+    return _train(cfg, run, _WORKER_DATA, reuse)
+
+
+def _context(cfg):
+    """A fork server that imports the training stack once and forks each worker from it:
+    no torch thread pool has started there (safe to fork), and workers start without
+    importing torch and transformers each. Spawn where the OS has no fork server."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    text = ["transformers.models.bert.modeling_bert"] if cfg.model.kind in ("minilm", "bert") else []
+    ctx.set_forkserver_preload(["geopeft.jobs.compare", *text])
+    return ctx
+
+
+def execute(cfg, data, runs: Sequence[Run], reuse: bool = False) -> list[dict[str, Any]]:
+    """The metrics of every run, in `runs` order. With jobs > 1 the runs go to that many
+    processes (`_context`), each with train.threads, else
+    cores // jobs, torch threads and no progress bar; a run is a pure function of its
+    config, recipe, seed and lr, so the metrics equal a sequential run's at the same
+    thread count."""
+    jobs = min(cfg.jobs or cores(), len(runs))
+    if jobs <= 1:
+        return [_train(cfg, r, data, reuse) for r in runs]
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = cfg.train.threads or max(1, cores() // jobs)
+    quiet = seeded(cfg, cfg.train.seed, threads=threads, progress=False)
+    print(f"{len(runs)} runs, {jobs} at a time, {threads} thread{'s' * (threads > 1)} each")
+    results: list[dict[str, Any] | None] = [None] * len(runs)
+    with ProcessPoolExecutor(jobs, mp_context=_context(cfg), initializer=_worker_init,
+                             initargs=(data,)) as pool:
+        futures = {pool.submit(_worker_run, quiet, r, reuse): i for i, r in enumerate(runs)}
+        for done in as_completed(futures):
+            i = futures[done]
+            m = results[i] = done.result()
+            print(f"{runs[i].method:>8} seed {runs[i].seed} lr {runs[i].lr:g}: test acc "
+                  f"{100 * m['test_acc']:.2f}%, val acc {100 * m['val_acc']:.2f}%, "
+                  f"{m['train_time']:.0f} s")
+    return results  # type: ignore[return-value]
+
+
+def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per recipe (plan order): {method, lr, runs (one per seed, seed order), sweep}. A swept
+    recipe keeps the lr of best mean validation accuracy over the seeds (first of equals:
+    the smaller lr); the test split is never looked at to choose."""
+    grouped: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for run, m in zip(runs, metrics):
+        grouped.setdefault(run.method, {}).setdefault(run.lr, []).append(m)
+    swept = {r.method for r in runs if r.swept}
+    out = []
+    for method, by_lr in grouped.items():
+        mean = {lr: sum(m["val_acc"] for m in ms) / len(ms) for lr, ms in by_lr.items()}
+        best = max(sorted(by_lr), key=lambda lr: mean[lr])
+        sweep = [{"lr": lr, "val_acc": mean[lr],
+                  "test_acc": sum(m["test_acc"] for m in by_lr[lr]) / len(by_lr[lr]),
+                  "val_accs": [m["val_acc"] for m in by_lr[lr]]} for lr in sorted(by_lr)]
+        out.append({"method": method, "lr": best, "runs": by_lr[best],
+                    "sweep": sweep if method in swept else None})
+    return out
 
 
 def compare(cfg, data, lr_sweep: bool = False, reuse: bool = False) -> Path:
-    """Run every recipe of cfg.methods (+ full fine-tuning), write compare.md/json/png.
-    With `reuse`, a run whose metrics.json has the same `run_key` is not trained again
-    (so recipes can be trained by separate processes, then tabulated together)."""
+    """Run every recipe of cfg.methods (+ full fine-tuning) once per seed, write
+    compare.md/json/png (and compare_lr.png with `lr_sweep`). With `reuse`, a run whose
+    metrics.json has the same `run_key` is not trained again (so recipes can be trained by
+    separate processes, then tabulated together)."""
     out = Path(cfg.output_dir) / cfg.run
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    methods = list(cfg.methods) + ([FULL] if cfg.full else [])
-    results = [run_method(cfg, m, data, out, lr_sweep, reuse) for m in methods]
+    runs = plan(cfg, out, lr_sweep)
+    metrics = execute(cfg, data, runs, reuse)
+    results = choose(runs, metrics)
     summary = report.summarize(results)
     config = OmegaConf.to_container(cfg, resolve=True)
     (out / "compare.json").write_text(json.dumps({"config": config, "summary": summary,
-                                                  "runs": results}, indent=1))
+                                                  "runs": metrics}, indent=1))
     (out / "compare.md").write_text(report.markdown(cfg, summary, lr_sweep, results))
-    report.plot_curves(results, out / "compare.png")
-    if any(r["rank_adaptive"] for r in results):
-        report.plot_ranks(results, out / "compare_ranks.png")
+    report.plot_curves(results, summary, out / "compare.png")
+    if any(r["runs"][0]["rank_adaptive"] for r in results):
+        report.plot_ranks([r["runs"][0] for r in results], out / "compare_ranks.png")
+    if any(r["sweep"] for r in results):
+        report.plot_lr(results, out / "compare_lr.png")
     return out
+

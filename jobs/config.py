@@ -124,6 +124,10 @@ def check_values(cfg: DictConfig) -> None:
                 "adapt.rank", "model.max_length"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key {key!r} must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.jobs is not None and cfg.jobs < 1:
+        raise ConfigError(f"config key 'jobs' must be at least 1 (or null: one per core), got {cfg.jobs}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"config key 'seeds' lists a seed twice: {list(cfg.seeds)}")
     if not 0 <= cfg.train.warmup < 1:
         raise ConfigError(f"config key 'train.warmup' is a share of the steps in [0, 1), got {cfg.train.warmup}")
     if cfg.model.kind in ("timm", "torchvision") and not cfg.model.name and not cfg.model.path:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
+from . import stats
 from .train import FULL
 
 COLUMNS = [  # (key, header)
@@ -16,21 +18,43 @@ COLUMNS = [  # (key, header)
 ]
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run: accuracy, gap to full fine-tuning (points), step time / LoRA's, sizes."""
+    """One row per recipe (`compare.choose`'s results): accuracy as the mean over seeds,
+    with a 95% interval and a paired verdict against LoRA from two seeds on; gap to full
+    fine-tuning (points), step time / LoRA's, sizes; the lr range within 1 point of the
+    best for a swept recipe."""
     by = {r["method"]: r for r in results}
-    full_acc = by[FULL]["test_acc"] if FULL in by else None
-    lora_time = by["lora"]["step_time"] if "lora" in by else None
+    lora = by.get("lora")
+    lora_time = statistics.median(m["step_time"] for m in lora["runs"]) if lora else None
+    full_acc = _mean([m["test_acc"] for m in by[FULL]["runs"]]) if FULL in by else None
     rows = []
     for r in results:
+        runs = r["runs"]
+        acc = _mean([m["test_acc"] for m in runs])
+        several = len(runs) > 1
+        ci = list(stats.interval(stats.correct_matrix(runs))[1:]) if several else None
+        paired = several and lora is not None and r["method"] != "lora"
+        step_time = statistics.median(m["step_time"] for m in runs)
+        violations = [m["violation"] for m in runs if m["violation"] is not None]
+        ranks = [sum(m["ranks"].values()) for m in runs if m.get("ranks")]
+        sweep = r.get("sweep")
         rows.append({
-            "method": r["method"], "lr": r["lr"], "test_acc": r["test_acc"], "val_acc": r["val_acc"],
-            "gap_to_full": None if full_acc is None else 100.0 * (r["test_acc"] - full_acc),
-            "step_time": r["step_time"],
-            "step_time_vs_lora": r["step_time"] / lora_time if lora_time else None,
-            "total_rank": sum(r["ranks"].values()) if r.get("ranks") else None,
-            "trainable_params": r["trainable_params"],
-            "optimizer_state_bytes": r["optimizer_state_bytes"], "violation": r["violation"],
+            "method": r["method"], "lr": r["lr"], "seeds": [m["seed"] for m in runs],
+            "test_acc": acc, "test_acc_mean": acc, "test_acc_ci95": ci,
+            "vs_lora": stats.vs_reference(runs, lora["runs"]) if paired else None,
+            "val_acc": _mean([m["val_acc"] for m in runs]),
+            "gap_to_full": None if full_acc is None else 100.0 * (acc - full_acc),
+            "step_time": step_time, "step_time_vs_lora": step_time / lora_time if lora_time else None,
+            "total_rank": round(_mean(ranks)) if ranks else None,
+            "trainable_params": runs[0]["trainable_params"],
+            "optimizer_state_bytes": max(m["optimizer_state_bytes"] for m in runs),
+            "violation": max(violations) if violations else None,
+            "lr_range": stats.lr_range([t["lr"] for t in sweep], [t["val_acc"] for t in sweep])
+            if sweep else None,
         })
     return rows
 
@@ -43,7 +67,27 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def _cell(key: str, value: Any) -> str:
+SEEDED = [("vs_lora", "vs LoRA (95% interval)"), ("verdict", "verdict")]  # after test acc, from 2 seeds
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    if not any(r["test_acc_ci95"] for r in rows):
+        return COLUMNS
+    i = [k for k, _ in COLUMNS].index("test_acc") + 1
+    return COLUMNS[:i] + SEEDED + COLUMNS[i:]
+
+
+def _cell(key: str, row: dict[str, Any]) -> str:
+    value = row.get(key)
+    if key == "test_acc" and row["test_acc_ci95"]:
+        low, high = row["test_acc_ci95"]
+        return f"{100 * value:.2f} ± {50 * (high - low):.2f}%"
+    if key in ("vs_lora", "verdict"):
+        vs = row["vs_lora"]
+        if vs is None:
+            return "reference" if row["method"] == "lora" else "—"
+        low, high = vs["ci95"]
+        return vs["verdict"] if key == "verdict" else f"{vs['diff_mean']:+.2f} ± {(high - low) / 2:.2f} pt"
     if value is None:
         return "—"
     if key in ("test_acc", "val_acc"):
@@ -64,41 +108,57 @@ def _cell(key: str, value: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|" + "|".join(" --- " if k == "method" else " ---: " for k, _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cell(k, r[k]) for k, _ in COLUMNS) + " |" for r in rows]
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(h for _, h in cols) + " |",
+             "|" + "|".join(" --- " if k in ("method", "verdict") else " ---: " for k, _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(k, r) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def sweep_table(results: list[dict[str, Any]]) -> str:
-    """Validation (test) accuracy of every lr tried, one row per swept run."""
-    swept = [r for r in results if r.get("sweep")]
+def sweep_table(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Validation (test) accuracy, mean over the seeds, of every lr tried, one row per swept
+    recipe, and the lr range within 1 point of its best."""
+    swept = [(r, row) for r, row in zip(results, rows) if r.get("sweep")]
     if not swept:
         return ""
-    lrs = sorted({t["lr"] for r in swept for t in r["sweep"]})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-             "| --- |" + " ---: |" * len(lrs)]
-    for r in swept:
+    lrs = sorted({t["lr"] for r, _ in swept for t in r["sweep"]})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | within 1 pt of best |",
+             "| --- |" + " ---: |" * (len(lrs) + 1)]
+    for r, row in swept:
         got = {t["lr"]: t for t in r["sweep"]}
         cells = [f"{100 * got[lr]['val_acc']:.2f} ({100 * got[lr]['test_acc']:.2f})" if lr in got else "—"
                  for lr in lrs]
         cells = [f"**{c}**" if lr == r["lr"] else c for c, lr in zip(cells, lrs)]
+        span = row["lr_range"]
+        cells.append(f"{span['low']:g} – {span['high']:g} ({span['decades']:.2f} decades)")
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    return ("\n\n## lr sweep\n\nvalidation accuracy % (test accuracy %) at each lr tried; bold: "
-            "the lr kept (best validation accuracy)\n\n" + "\n".join(lines) + "\n")
+    return ("\n\n## lr sweep\n\nvalidation accuracy % (test accuracy %) at each lr tried, mean over "
+            "the seeds; bold: the lr kept (best validation accuracy); within 1 pt of best: the "
+            "contiguous lr range of the grid whose validation accuracy is within 1 point of the "
+            "best (0 decades: the best point alone; the grid's spacing bounds it)\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict[str, Any]] = ()) -> str:
     lr_note = ("each recipe's lr chosen from its grid by validation accuracy" if lr_sweep
                else "lr: train.lr, else the recipe's recommended lr, else train.default_lr; "
                     "full fine-tuning: train.full_lr")
+    seeds = rows[0]["seeds"] if rows else [cfg.train.seed]
     head = (f"# geopeft compare: {cfg.run}\n\n"
             f"model `{cfg.model.kind}{':' + cfg.model.name if cfg.model.name else ''}`, data "
             f"`{cfg.data.name}` (split seed {cfg.data.split_seed}), targets "
             f"{', '.join(cfg.adapt.targets)}, rank {cfg.adapt.rank}; {cfg.train.steps} steps of "
             f"batch {cfg.train.batch_size}, {cfg.train.optimizer} with {cfg.train.schedule} schedule, "
-            f"seed {cfg.train.seed}; {lr_note}.\n\n")
-    notes = ("\n\ntest acc: accuracy on the test split"
+            f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; {lr_note}.\n\n")
+    if len(seeds) > 1:
+        seeded = (f"test acc: mean over the {len(seeds)} seeds ± the half-width of its 95% interval; "
+                  "vs LoRA: the mean paired difference in points (same seed, same test example) ± "
+                  "the half-width of its 95% interval, and the verdict: better / worse when the "
+                  "interval excludes 0, else no difference detected; ")
+    else:
+        seeded = ("one seed: no verdict (`seeds=[0,1,2]` gives intervals and verdicts against LoRA). "
+                  "test acc: ")
+    notes = (f"\n\n{seeded}accuracy on the test split"
              + (f" (first {cfg.data.max_eval} examples)" if cfg.data.max_eval else "")
              + "; gap to full: test acc minus full fine-tuning's, in points; val acc: the "
                "validation split at the last step; step time vs LoRA: median time of one training "
@@ -106,7 +166,7 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict
                "end (rank-adaptive recipes change it); optimizer state: bytes of every "
                "tensor the optimizer keeps; invariant violation: the largest distance of a factor "
                "from its manifold at the end (— for Euclidean factors only). See docs/compare.md.\n")
-    return head + table(rows) + notes + sweep_table(list(results))
+    return head + table(rows) + notes + sweep_table(list(results), rows)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -119,15 +179,25 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
-    """2×2: training loss and validation accuracy against steps and against wall time."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
-    for r in results:
+    return plt
+
+
+def plot_curves(results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
+    """Left 2×2: training loss and validation accuracy against steps and against wall time
+    (the first seed's runs); right: the spread, each seed's test accuracy per recipe with the
+    mean and its 95% interval."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(15, 7.5), constrained_layout=True)
+    grid = fig.add_gridspec(2, 3, width_ratios=[1, 1, 0.8])
+    axes = [[fig.add_subplot(grid[i, j]) for j in range(2)] for i in range(2)]
+    for res in results:
+        r = res["runs"][0]
         losses = r["losses"]
         steps = list(range(1, len(losses) + 1))
         times, total = [], 0.0
@@ -137,17 +207,65 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
         smooth = _smooth(losses, max(1, len(losses) // 25))
         style = {"color": "black", "linestyle": "--"} if r["method"] == FULL else {}
         label = f"{r['method']} (lr {r['lr']:g})"
-        axes[0, 0].plot(steps, smooth, label=label, **style)
-        axes[0, 1].plot(times, smooth, label=label, **style)
+        axes[0][0].plot(steps, smooth, label=label, **style)
+        axes[0][1].plot(times, smooth, label=label, **style)
         ev = r["evals"]
-        axes[1, 0].plot([e["step"] for e in ev], [100 * e["val_acc"] for e in ev], marker="o", label=label, **style)
-        axes[1, 1].plot([e["time"] for e in ev], [100 * e["val_acc"] for e in ev], marker="o", label=label, **style)
-    for ax, (x, y) in zip(axes.flat, [("step", "training loss (moving mean)"), ("training time [s]", "training loss (moving mean)"),
-                                     ("step", "validation accuracy [%]"), ("training time [s]", "validation accuracy [%]")]):
+        axes[1][0].plot([e["step"] for e in ev], [100 * e["val_acc"] for e in ev], marker="o", label=label, **style)
+        axes[1][1].plot([e["time"] for e in ev], [100 * e["val_acc"] for e in ev], marker="o", label=label, **style)
+    for ax, (x, y) in zip([a for row in axes for a in row],
+                          [("step", "training loss (moving mean)"), ("training time [s]", "training loss (moving mean)"),
+                           ("step", "validation accuracy [%]"), ("training time [s]", "validation accuracy [%]")]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
+    axes[0][0].set_title(f"seed {results[0]['runs'][0]['seed']}" if results else "", fontsize=9)
+    _plot_spread(fig.add_subplot(grid[:, 2]), results, rows)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_spread(ax, results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    for x, (res, row) in enumerate(zip(results, rows)):
+        accs = [100 * m["test_acc"] for m in res["runs"]]
+        ax.scatter([x] * len(accs), accs, color="gray", s=14, zorder=2,
+                   label="one seed" if x == 0 else None)
+        mean = 100 * row["test_acc_mean"]
+        if row["test_acc_ci95"]:
+            low, high = (100 * v for v in row["test_acc_ci95"])
+            ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color="C3", capsize=5,
+                        zorder=3, label="mean, 95% interval" if x == 0 else None)
+        else:
+            ax.plot([x], [mean], "o", color="C3", zorder=3)
+    ax.set_xticks(range(len(results)), [r["method"] for r in results], rotation=30)
+    ax.set_ylabel("test accuracy [%]")
+    ax.set_title(f"spread over {len(rows[0]['seeds']) if rows else 0} seed(s)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+
+
+def plot_lr(results: list[dict[str, Any]], path: Path) -> None:
+    """Validation accuracy (mean over seeds, each seed faint) against lr per swept recipe;
+    the thick segment: the lr range within 1 point of the recipe's best."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for i, r in enumerate(res for res in results if res["sweep"]):
+        sweep, color = r["sweep"], f"C{i}"
+        lrs = [t["lr"] for t in sweep]
+        accs = [100 * t["val_acc"] for t in sweep]
+        ax.plot(lrs, accs, marker="o", color=color, label=r["method"],
+                linestyle="--" if r["method"] == FULL else "-")
+        for t in sweep:
+            ax.scatter([t["lr"]] * len(t["val_accs"]), [100 * a for a in t["val_accs"]], color=color,
+                       alpha=0.3, s=10)
+        span = stats.lr_range(lrs, [t["val_acc"] for t in sweep])
+        ax.plot([span["low"], span["high"]], [max(accs) + 0.15] * 2, color=color, linewidth=4, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("validation accuracy [%] (mean over seeds)")
+    ax.set_title("accuracy against lr; bar: the range within 1 point of the best", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -158,11 +276,7 @@ def _step_times(r: dict[str, Any]) -> list[float]:
 
 def plot_ranks(results: list[dict[str, Any]], path: Path) -> None:
     """Rank-adaptive recipes: the rank of every adapted layer at each evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     adaptive = [r for r in results if r["rank_adaptive"]]
     fig, axes = plt.subplots(len(adaptive), 1, figsize=(11, 3.2 * len(adaptive)), squeeze=False,
                              constrained_layout=True)

@@ -107,6 +107,8 @@ class JobConfig:
     method: str = "lora"  # train: the recipe (any registered name: geopeft methods)
     methods: list[str] = field(default_factory=lambda: ["lora", "stella"])  # compare: the recipes, in table order
     full: bool = True  # compare: add full fine-tuning as the reference
+    seeds: list[int] = field(default_factory=list)  # compare: train.seed values, one run of every recipe each, paired by seed (empty: [train.seed]); two or more give intervals and verdicts vs LoRA
+    jobs: int | None = None  # compare: runs at once, each a separate process with threads = cores / jobs (null: the number of cores; 1: one after another in this process)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)

@@ -71,20 +71,30 @@ class BatchOrder:
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
         return self._perm[k * self.bs:(k + 1) * self.bs]
 
+    def digest(self, steps: int) -> str:
+        """sha256 (16 hex digits) of the example indices of steps 0 … steps − 1: runs with
+        equal digests saw the same batches in the same order."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for step in range(steps):
+            h.update(self(step).numpy().astype("<i8").tobytes())
+        return h.hexdigest()[:16]
+
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on `data`, in eval mode."""
+def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128) -> tuple[float, float, list[int]]:
+    """(mean cross-entropy, accuracy, 0/1 per example) on `data`, in eval mode."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct = 0.0, []
     for i in range(0, len(data), batch_size):
         inputs, labels = data.batch(torch.arange(i, min(i + batch_size, len(data))))
         logits = model(*inputs)
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
+        correct += (logits.argmax(-1) == labels).int().tolist()
     model.train(was_training)
-    return loss_sum / len(data), correct / len(data)
+    return loss_sum / len(data), sum(correct) / len(data), correct
 
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -219,7 +229,7 @@ def train_run(cfg, method: str, data: dict[str, Encoded], out: Path | None, *, l
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", step_ms=f"{1000 * elapsed:.0f}")
         if run.step % t.eval_every == 0 or run.step == t.steps:
-            val_loss, val_acc = evaluate(model, val)
+            val_loss, val_acc, _ = evaluate(model, val)
             run.evals.append({"step": run.step, "time": run.train_time, "val_loss": val_loss,
                               "val_acc": val_acc, "ranks": measure.ranks(model)})
             bar.set_postfix(loss=f"{ema:.3f}", val_acc=f"{val_acc:.3f}")
@@ -228,11 +238,12 @@ def train_run(cfg, method: str, data: dict[str, Encoded], out: Path | None, *, l
         if on_step is not None:
             on_step(run.step)
     bar.close()
-    test_loss, test_acc = evaluate(model, test)
+    test_loss, test_acc, test_correct = evaluate(model, test)
     timed = run.step_times[3:] or run.step_times
     metrics = {
         "method": method, "lr": lr, "steps": t.steps, "seed": t.seed,
-        "run_key": run_key(cfg, method, lr), "test_acc": test_acc, "test_loss": test_loss,
+        "run_key": run_key(cfg, method, lr), "batches": order.digest(t.steps),
+        "test_acc": test_acc, "test_loss": test_loss, "test_correct": test_correct,
         "val_acc": run.evals[-1]["val_acc"] if run.evals else None,
         "trainable_params": measure.trainable_params(model),
         "optimizer_state_bytes": measure.optimizer_state_bytes(opt),

@@ -22,6 +22,7 @@ model: {kind: bert, hidden_size: 32, layers: 2, heads: 2, intermediate_size: 64,
 adapt: {targets: [query, value], rank: 4}
 data: {max_eval: 48}
 train: {steps: 6, batch_size: 8, eval_every: 3, checkpoint_every: 2, progress: false}
+jobs: 1
 """
 
 
@@ -63,7 +64,7 @@ def test_compare_writes_table_json_and_png(tiny_config, capsys):
     assert "| lora |" in capsys.readouterr().out  # the table is printed too
     with Image.open(out / "compare.png") as img:
         img.load()  # decodes the whole image
-        assert img.format == "PNG" and img.size == (990, 675)
+        assert img.format == "PNG" and img.size == (1350, 675)
     # --reuse takes each run from its metrics.json: same table, nothing trained again
     assert main(["compare", str(tiny_config), "train.steps=4", "--reuse"]) == 0
     assert capsys.readouterr().out.count("reusing") == 3

@@ -1,0 +1,135 @@
+"""`geopeft compare` over several seeds: paired runs, intervals, verdicts, lr sweep,
+parallel runs (a tiny BERT on a few synthetic token sequences; a few steps each)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geopeft.errors import ConfigError
+from geopeft.jobs import stats
+from geopeft.jobs.compare import choose, compare, execute, plan
+from geopeft.jobs.config import load_config
+from geopeft.jobs.models import Encoded
+from geopeft.jobs.report import summarize
+
+TINY = ["methods=[lora,stella]", "model.kind=bert", "model.hidden_size=16", "model.layers=1",
+        "model.heads=2", "model.intermediate_size=32", "adapt.targets=[query,value]", "adapt.rank=2",
+        "train.steps=3", "train.batch_size=8", "train.eval_every=3", "train.progress=false",
+        "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Random token sequences (length 8) labelled by their first token's parity."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        ids = torch.randint(1000, 2000, (n, 8), generator=gen)
+        return Encoded((ids, torch.ones_like(ids)), ids[:, 0] % 2, True)
+    return {"train": split(48), "val": split(16), "test": split(24)}
+
+
+def tiny(tmp_path, *extra):
+    return load_config(None, TINY + [f"output_dir={tmp_path}", *extra])
+
+
+def test_seeds_pair_batches_across_recipes_and_sweep_writes_lr_figure(tmp_path, data):
+    cfg = tiny(tmp_path, "seeds=[0,1]", "jobs=1", "sweep.lrs=[1e-3,4e-3]")
+    out = compare(cfg, data, lr_sweep=True)
+    saved = json.loads((out / "compare.json").read_text())
+    runs = saved["runs"]
+    assert len(runs) == 2 * 2 * 2 + 2  # (lora, stella) × seeds × lrs, + full per seed
+    digest = {s: {r["batches"] for r in runs if r["seed"] == s} for s in (0, 1)}
+    assert len(digest[0]) == len(digest[1]) == 1 and digest[0] != digest[1]  # same within a seed only
+    lora = {r["seed"]: r for r in runs if r["method"] == "lora" and r["lr"] == 1e-3}
+    assert lora[0]["losses"] != lora[1]["losses"]  # seeds change the runs
+    rows = {r["method"]: r for r in saved["summary"]}
+    for row in rows.values():
+        low, high = row["test_acc_ci95"]
+        assert row["seeds"] == [0, 1] and low <= row["test_acc_mean"] <= high
+    assert rows["lora"]["vs_lora"] is None and rows["full"]["vs_lora"]["verdict"] in (
+        stats.BETTER, stats.WORSE, stats.NO_DIFFERENCE)
+    best = max([1e-3, 4e-3], key=lambda lr: sum(r["val_acc"] for r in runs
+                                               if r["method"] == "stella" and r["lr"] == lr))
+    assert rows["stella"]["lr"] == best and rows["stella"]["lr_range"]["best_lr"] == best
+    table = (out / "compare.md").read_text()
+    assert "| verdict |" in table and "within 1 pt of best" in table and "one seed" not in table
+    for name in ("compare.png", "compare_lr.png"):
+        with Image.open(out / name) as img:
+            img.load()
+
+
+def test_parallel_runs_equal_sequential_runs(tmp_path, data):
+    cfg = tiny(tmp_path, "methods=[lora]", "seeds=[0,1]")
+    runs = plan(cfg, tmp_path / "a", lr_sweep=False)
+    sequential = execute(tiny(tmp_path, "methods=[lora]", "seeds=[0,1]", "jobs=1"), data, runs)
+    runs = plan(cfg, tmp_path / "b", lr_sweep=False)
+    parallel = execute(tiny(tmp_path, "methods=[lora]", "seeds=[0,1]", "jobs=2"), data, runs)
+    keys = ("method", "seed", "lr", "batches", "losses", "test_correct", "test_loss", "val_acc")
+    same = lambda m: ({k: m[k] for k in keys}, [dict(e, time=None) for e in m["evals"]])  # noqa: E731
+    assert [same(m) for m in parallel] == [same(m) for m in sequential]
+
+
+def test_one_seed_gives_no_interval_and_says_so(tmp_path, data):
+    from geopeft.jobs.report import markdown
+
+    cfg = tiny(tmp_path, "full=false", "jobs=1")
+    runs = plan(cfg, tmp_path, lr_sweep=False)
+    results = choose(runs, execute(cfg, data, runs))
+    rows = summarize(results)
+    assert all(r["test_acc_ci95"] is None and r["vs_lora"] is None for r in rows)
+    assert "one seed: no verdict" in markdown(cfg, rows, False, results)
+
+
+def _flip(x: np.ndarray, rows_frac: list[float], rng) -> np.ndarray:
+    """x with a share rows_frac[s] of its zeros in row s turned to ones."""
+    x = x.copy()
+    for s, frac in enumerate(rows_frac):
+        zeros = np.flatnonzero(x[s] == 0)
+        x[s, rng.choice(zeros, int(frac * len(zeros)), replace=False)] = 1
+    return x
+
+
+def test_verdicts_on_constructed_runs():
+    rng = np.random.default_rng(0)
+    lora = (rng.random((3, 400)) < 0.7).astype(float)
+    run = lambda x: [{"seed": s, "test_correct": list(row)} for s, row in enumerate(x)]  # noqa: E731
+    better = _flip(lora, [0.3, 0.25, 0.35], rng)  # right on a quarter to a third of LoRA's misses
+    assert stats.vs_reference(run(better), run(lora))["verdict"] == stats.BETTER
+    assert stats.vs_reference(run(lora), run(better))["verdict"] == stats.WORSE
+    same = stats.vs_reference(run(lora), run(lora))
+    assert same == {"diff_mean": 0.0, "ci95": [0.0, 0.0], "verdict": stats.NO_DIFFERENCE}
+    other = (rng.random((3, 400)) < 0.7).astype(float)  # same accuracy, independent errors
+    assert stats.vs_reference(run(other), run(lora))["verdict"] == stats.NO_DIFFERENCE
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.vs_reference(run(lora), run(lora)[::-1])
+
+
+def test_interval_is_the_seed_and_example_variance_with_t():
+    # constant rows: the example term is 0, the seed term var(1, 0, 1) / 3 = 1/9; t(0.975, 2) = 4.3027
+    mean, low, high = stats.interval(np.array([[1.0] * 5, [0.0] * 5, [1.0] * 5]))
+    assert mean == pytest.approx(2 / 3) and high - mean == pytest.approx(4.302653 / 3, rel=1e-6)
+    rng = np.random.default_rng(1)
+    for n, m in ((2, 3), (3, 50), (5, 7)):
+        mean, low, high = stats.interval(rng.random((n, m)))
+        assert low < mean < high and mean - low == pytest.approx(high - mean)
+    with pytest.raises(ValueError, match="2 seeds"):
+        stats.interval(np.ones((1, 10)))
+
+
+def test_lr_range_is_the_contiguous_run_within_a_point():
+    lrs, accs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], [0.70, 0.795, 0.80, 0.792, 0.795]
+    assert stats.lr_range(lrs, accs) == {"best_lr": 1e-3, "low": 3e-4, "high": 1e-2,
+                                         "decades": pytest.approx(np.log10(1e-2 / 3e-4))}
+    assert stats.lr_range(lrs, [0.5, 0.6, 0.8, 0.6, 0.8])["decades"] == 0.0  # first of equals, alone
+
+
+@pytest.mark.parametrize("override, message", [("seeds=[0,1,0]", "twice"), ("jobs=0", "at least 1")])
+def test_bad_seeds_and_jobs_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
