@@ -31,13 +31,14 @@ from .interfaces import (
     Recipe,
     TargetPreset,
 )
+from .layers import Quantization
 
 __version__ = "0.1.0"
 
 
 def components() -> dict[str, list[str]]:
     """Registered component names by kind: adapter, manifold, gradient_transform,
-    rank_controller, initializer, method, target_preset."""
+    rank_controller, initializer, method, target_preset, quantization."""
     from .registry import get_registry
 
     return get_registry().components()
@@ -51,8 +52,8 @@ def register(kind: str, name: str, obj: Any, *, replace: bool = False) -> Any:
         geopeft.register("manifold", "unit_columns", UnitColumns)
         geopeft.register("method", "my_lora", geopeft.Recipe(name="my_lora", ...))
 
-    kind: adapter, manifold, gradient_transform, rank_controller, initializer, method or
-    target_preset.
+    kind: adapter, manifold, gradient_transform, rank_controller, initializer, method,
+    target_preset or quantization.
     `replace=True` replaces your own earlier registration of `name`. Returns `obj`."""
     from .registry import get_registry
 
@@ -79,7 +80,7 @@ from .summary import summary  # noqa: E402
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
-    "LayerStats", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "TargetPreset",
+    "LayerStats", "Quantization", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "TargetPreset",
     "UnknownComponentError", "adapt", "adapters", "calibrate", "components", "disable_adapters",
     "export_peft", "hookimpl", "import_peft", "load", "merge", "optimizer", "register", "save", "summary",
     "unload", "unmerge", "unregister",

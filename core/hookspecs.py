@@ -9,9 +9,10 @@ A plugin implements any of these with `@geopeft.hookimpl` and calls
 
 There is one hook per component kind (`kinds.KINDS`): `register_adapters`,
 `register_manifolds`, `register_gradient_transforms`, `register_rank_controllers`,
-`register_initializers`, `register_methods`, `register_target_presets`. Components are
-classes (instantiated with options by the recipe), except methods and target presets,
-which are `Recipe` and `TargetPreset` instances.
+`register_initializers`, `register_methods`, `register_target_presets`,
+`register_quantizations`. Components are classes (instantiated with options by the
+recipe), except methods, target presets and quantizations, which are `Recipe`,
+`TargetPreset` and `Quantization` instances.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ShapeError
-from .layers import LayerOps, layer_ops
+from .layers import LayerOps, LinearOps, layer_ops
 
 FactorKey = str
 """A factor name ('A'), or comma-joined names for a coupled manifold ('B,A')."""
@@ -175,7 +175,7 @@ class Adapter(nn.Module, abc.ABC):
         self.alpha = float(rank if alpha is None else alpha)
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
-        self.factor_dtype = factor_dtype_for(base.weight.dtype, dtype)
+        self.factor_dtype = factor_dtype_for(ops.weight_dtype(base), dtype)
         # on the base weight's device, meta included: `to_empty` / `geopeft.load` materialise them
         self.factor_device = base.weight.device
         self._manifolds: dict[FactorKey, Manifold] = {}
@@ -238,7 +238,7 @@ class Adapter(nn.Module, abc.ABC):
         nn.Linear base without hooks, floating x in its weight's dtype, no dropout active
         (`dropout_p` while training) and no autocast."""
         base = self.base_layer
-        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+        return (type(self.ops) is LinearOps and type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
                 and not (self.training and getattr(self, "dropout_p", 0.0) > 0)
                 and x.is_floating_point() and x.dtype == base.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type))

@@ -14,6 +14,7 @@ from .interfaces import (
     Recipe,
     TargetPreset,
 )
+from .layers import Quantization
 
 
 @dataclass(frozen=True)
@@ -47,4 +48,6 @@ KINDS: dict[str, ComponentKind] = {k.name: k for k in (
     ComponentKind("method", "register_methods", Recipe, instance=True),
     # default `targets` for a model family (integrations register them; see targets.preset_for)
     ComponentKind("target_preset", "register_target_presets", TargetPreset, instance=True),
+    # stored formats of quantized Linear weights (integrations register them; see layers.layer_ops)
+    ComponentKind("quantization", "register_quantizations", Quantization, instance=True),
 )}

@@ -11,16 +11,24 @@ factor without forming the (m, n) matrix:
 
 so that `lower(lift(x, A), B) == base_with_weight(s.t. W = B @ A)(x)` with no bias.
 Core knows nn.Linear, transformers' Conv1D (GPT-2 layout, duck-typed: core never
-imports transformers), nn.Conv2d and nn.Embedding.
+imports transformers), nn.Conv2d and nn.Embedding; a Linear whose weight is stored
+quantized (bitsandbytes 4-/8-bit, torchao) is a `QuantizedLinearOps` when a registered
+`Quantization` component recognises it (by qualified class name: core imports none of
+those libraries).
 """
 
 from __future__ import annotations
 
+import abc
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+logger = logging.getLogger("geopeft")
 
 
 @dataclass(frozen=True)
@@ -30,10 +38,37 @@ class LayerOps:
     kind: str
     m: int
     n: int
+    #: the stored format of a quantized weight; None for a float weight
+    quantization: Quantization | None = None
 
     def weight_matrix(self, base: nn.Module) -> Tensor:
         """The base weight as an (m, n) matrix (a view where possible)."""
         return self.as_matrix(base.weight)
+
+    def weight_dtype(self, base: nn.Module) -> torch.dtype:
+        """The floating dtype the layer computes in (its weight's dtype)."""
+        return base.weight.dtype
+
+    def weight_shape(self, base: nn.Module) -> list[int]:
+        """The shape of the weight as the layer's own layout has it (what `save` records)."""
+        return list(base.weight.shape)
+
+    @torch.no_grad()
+    def add_to_weight(self, base: nn.Module, delta: Tensor, sign: int, *, merging: bool = False) -> None:
+        """W ← W + sign·delta (`delta` in the weight's layout), correctly rounded to W's
+        dtype: the sum is formed in float64 (float32 on MPS) and rounded once. `merging`:
+        this is a merge (sign +1) or its unmerge (sign −1) of the adapter's ΔW."""
+        w = base.weight
+        wide = torch.float32 if w.device.type == "mps" else torch.float64
+        w.copy_((w.to(wide) + sign * delta.to(w.device, wide)).to(w.dtype))
+
+    def snapshot_weight(self, base: nn.Module) -> Any:
+        """What `restore_weight` needs to put the weight back bit for bit (a copy)."""
+        return base.weight.detach().clone()
+
+    @torch.no_grad()
+    def restore_weight(self, base: nn.Module, saved: Any) -> None:
+        base.weight.copy_(saved)
 
     def as_matrix(self, t: Tensor) -> Tensor:
         """A tensor in the base weight's layout (the weight, its gradient) as (m, n)."""
@@ -92,6 +127,131 @@ class Conv1DOps(LinearOps):
         return delta.T
 
 
+@dataclass(frozen=True)
+class QuantizedLinearOps(LinearOps):
+    """A Linear whose weight is stored quantized (`quantization` knows the format).
+
+    The forward runs the layer's own kernel; the adapter's factors are float (the
+    layer's compute dtype, float32 on a half one) beside the frozen quantized weight.
+    Reading W dequantises it; writing W (merge, an initializer's base shift) dequantises,
+    adds in float64 and requantises — a rounding to the quantization grid, which is logged
+    with its size — or raises `GeopeftError` when the format cannot be requantised. A
+    merge keeps the quantized weight it replaced, so unmerge restores it bit for bit."""
+
+    def weight_matrix(self, base):
+        return self.quantization.dequantize(base)
+
+    def weight_dtype(self, base):
+        return self.quantization.compute_dtype(base)
+
+    def weight_shape(self, base):
+        return [self.m, self.n]
+
+    @torch.no_grad()
+    def add_to_weight(self, base, delta, sign, *, merging=False):
+        q = self.quantization
+        if merging and sign < 0 and _PREMERGE in base.__dict__:  # unmerge: the weight merge replaced
+            self.restore_weight(base, base.__dict__.pop(_PREMERGE))
+            return
+        saved = self.snapshot_weight(base) if merging and sign > 0 else None
+        exact = q.dequantize(base).double() + sign * delta.to(base.weight.device, torch.float64)
+        q.requantize(base, exact.float())  # may refuse (GeopeftError): nothing changed then
+        if saved is not None:
+            base.__dict__[_PREMERGE] = saved
+        err = torch.linalg.matrix_norm(q.dequantize(base).double() - exact).item()
+        what = ("merge" if merging else "unshift") if sign > 0 else ("unmerge" if merging else "shift")
+        report_requantised(what, f"{self.m}x{self.n} {q.describe(base)}", err,
+                           torch.linalg.matrix_norm(delta.double()).item())
+
+    def snapshot_weight(self, base):
+        return self.quantization.snapshot(base)
+
+    def restore_weight(self, base, saved):
+        self.quantization.restore(base, saved)
+
+
+#: operation -> (the sum requantised, what that means for the user)
+_REQUANTISED = {
+    "merge": ("W + ΔW (a merge)", "unmerge restores the quantized weight exactly; unload(merge=True) "
+              "keeps the rounded one"),
+    "unmerge": ("W − ΔW (an unmerge of a weight merged elsewhere)", "the base is back up to this rounding"),
+    "shift": ("W − s·B₀A₀ (an initializer's base shift: the residual is quantized)",
+              "step 0 then computes Q(W − s·B₀A₀) + s·B₀A₀, and disable_adapters / "
+              "unload(merge=False) give the base back only up to this rounding"),
+    "unshift": ("W + s·B₀A₀ (a base shift undone)", "the base is back up to this rounding"),
+}
+_warned: set[str] = set()
+
+
+def report_requantised(what: str, layer: str, error: float, size: float) -> None:
+    """Log the rounding of one requantised weight: each at INFO, the first of each kind
+    (`what`: a key of `_REQUANTISED`) in a process at WARNING too, saying what it means."""
+    sum_, meaning = _REQUANTISED[what]
+    line = (f"geopeft: {sum_} was requantised into a {layer} weight: the stored weight is off the "
+            f"exact sum by {error:.3g} (Frobenius norm; the added term's is {size:.3g})")
+    logger.info(line)
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning("%s; %s. Each layer's rounding is logged at INFO level", line, meaning)
+
+
+#: where a merged quantized layer keeps the quantized weight its merge replaced
+_PREMERGE = "_geopeft_premerge_weight"
+
+
+def drop_premerge(base: nn.Module) -> None:
+    """Forget the pre-merge quantized weight a merge kept (`unload(merge=True)`: no unmerge
+    will follow)."""
+    base.__dict__.pop(_PREMERGE, None)
+
+
+class Quantization(abc.ABC):
+    """A stored format of quantized Linear weights (a `quantization` component, registered
+    by an integration): how to recognise it, read it as floats and write floats back.
+
+    `classes` are fully qualified class names matched against the MRO of the layer or of
+    its weight ("bitsandbytes.nn.modules.Linear4bit", "torchao.utils.TorchAOBaseTensor"),
+    so recognising a layer imports nothing. The methods run only on a layer of the format
+    (whose library is then imported already)."""
+
+    name: str = ""
+    classes: tuple[str, ...] = ()
+
+    def matches(self, module: nn.Module) -> bool:
+        types = type(module).__mro__ + type(getattr(module, "weight", None)).__mro__
+        return any(qualified_name(c) in self.classes for c in types)
+
+    @abc.abstractmethod
+    def dequantize(self, base: nn.Module) -> Tensor:
+        """The weight as a float32 (out, in) matrix (a new tensor)."""
+
+    @abc.abstractmethod
+    def requantize(self, base: nn.Module, weight: Tensor) -> None:
+        """Store the float (out, in) `weight` in `base`, quantized in the layer's own format
+        (replacing the weight parameter, never writing into the old one); `GeopeftError`
+        with the reason when this format cannot be requantised."""
+
+    def compute_dtype(self, base: nn.Module) -> torch.dtype:
+        """The float dtype the layer computes in (the adapter's factors follow it)."""
+        return torch.float32
+
+    def describe(self, base: nn.Module) -> str:
+        """The format in a few words: 'bitsandbytes nf4'."""
+        return self.name
+
+    def snapshot(self, base: nn.Module) -> Any:
+        """What `restore` needs to put the quantized weight back bit for bit: by default
+        the weight parameter itself (`requantize` replaces it, never writes into it)."""
+        return base.weight
+
+    def restore(self, base: nn.Module, saved: Any) -> None:
+        base.weight = saved
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class Conv2dOps(LayerOps):
     """A is a conv with the base kernel (r, c·kh·kw); B is a 1×1 conv (m, r)."""
 
@@ -136,12 +296,20 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
-SUPPORTED_LAYERS = ("nn.Linear", "transformers Conv1D", "nn.Conv2d (groups=1)", "nn.Embedding")
+SUPPORTED_LAYERS = ("nn.Linear", "transformers Conv1D", "nn.Conv2d (groups=1)", "nn.Embedding",
+                    "quantized Linear (bitsandbytes 4-/8-bit, torchao; geopeft[quant])")
 
 
 def layer_ops(module: nn.Module) -> LayerOps | None:
     """The ops for `module`, or None when geopeft cannot adapt that kind of layer."""
     if isinstance(module, nn.Linear):
+        if type(module) is nn.Linear and type(module.weight) is nn.Parameter:  # the common case
+            return LinearOps("linear", module.out_features, module.in_features)
+        quantization = quantization_of(module)
+        if quantization is not None:
+            return QuantizedLinearOps("linear", module.out_features, module.in_features, quantization)
+        if _quantized_library(module) is not None:
+            return None
         return LinearOps("linear", module.out_features, module.in_features)
     if _is_hf_conv1d(module):
         n, m = module.weight.shape
@@ -154,11 +322,45 @@ def layer_ops(module: nn.Module) -> LayerOps | None:
     return None
 
 
+#: libraries whose Linear layers store their weight quantized (a `quantization` component
+#: must recognise them: a float view of their weight would be wrong)
+QUANTIZED_LIBRARIES = ("bitsandbytes", "torchao")
+
+
+def quantization_of(module: nn.Module) -> Quantization | None:
+    """The registered `quantization` component that recognises `module`, or None."""
+    from .registry import get_registry
+
+    for _, quantization in get_registry().items("quantization"):
+        if quantization.matches(module):
+            return quantization
+    return None
+
+
+def _quantized_library(module: nn.Module) -> str | None:
+    types = type(module).__mro__ + type(getattr(module, "weight", None)).__mro__
+    return next((c.__module__.split(".")[0] for c in types
+                 if c.__module__.split(".")[0] in QUANTIZED_LIBRARIES), None)
+
+
 def why_unsupported(module: nn.Module) -> str:
     """A sentence saying why `module` cannot be adapted."""
+    library = _quantized_library(module) if isinstance(module, nn.Linear) else None
+    if library is not None:
+        weight = type(getattr(module, "weight", None))
+        return (f"{type(module).__name__} stores its weight quantized by {library} "
+                f"({qualified_name(weight)}), a format no loaded 'quantization' component "
+                f"recognises (loaded: {', '.join(_quantization_names()) or 'none'}); install "
+                "geopeft[quant] (and let GEOPEFT_PLUGINS load 'quantized')")
     if isinstance(module, nn.Conv2d):
         return f"grouped convolutions (groups={module.groups}) are not supported"
     return f"{type(module).__name__} is not a supported layer type (supported: {', '.join(SUPPORTED_LAYERS)})"
+
+
+def _quantization_names() -> list[str]:
+    from .registry import get_registry
+
+    return [name for name, _ in get_registry().items("quantization")]
 
 
 class Conv1D(nn.Module):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
-from .layers import layer_ops
+from .layers import drop_premerge, layer_ops
 from .originals import snapshot, swapped_in, trainable_modules
 from .recipes import Resolved, resolve
 from .shift import add_shift_output, base_shift, unshift_base
@@ -78,9 +78,8 @@ class AdaptedLayer(nn.Module):
             self.merged = False
 
     def _add_delta(self, sign: int) -> None:
-        w = self.base_layer.weight
-        wide = torch.float32 if w.device.type == "mps" else torch.float64
-        w.copy_((w.to(wide) + sign * self.adapter.delta_weight().to(wide)).to(w.dtype))
+        # a quantized weight is requantised (unmerge puts the pre-merge one back): LayerOps
+        self.adapter.ops.add_to_weight(self.base_layer, self.adapter.delta_weight(), sign, merging=True)
 
 
 @dataclass
@@ -253,6 +252,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, layer in layers:
         if merge:
             layer.merge()
+            drop_premerge(layer.base_layer)
         else:
             layer.unmerge()
             unshift_base(layer.adapter)

@@ -70,14 +70,14 @@ def import_peft(model: nn.Module, path: str | os.PathLike, method: str | Recipe 
         overrides.setdefault("dropout", float(config["lora_dropout"]))
     targets = "(" + "|".join(re.escape(n) for n in layers) + ")"
     _check_trainable(directory, model, trainable, rest)  # every check before the model changes
-    weights = {name: modules[name].weight.detach().clone() for name in layers}
+    weights = {name: layer_ops(modules[name]).snapshot_weight(modules[name]) for name in layers}
     adapt(model, method, targets=targets, rank=r0, alpha=alpha0, ranks=ranks,
           trainable=trainable, **overrides)
     with torch.no_grad():
         pairs = adapters(model)
         for name, adapter in pairs:
             if base_shift(adapter) is not None:  # PEFT's base is the unshifted one: W exactly
-                adapter.base_layer.weight.copy_(weights[name])
+                adapter.ops.restore_weight(adapter.base_layer, weights[name])
                 forget_shift(adapter)
             f = layers[name]
             b, a = f["B"].reshape(f["B"].shape[0], -1), f["A"].reshape(f["A"].shape[0], -1)

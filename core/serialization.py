@@ -66,7 +66,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         for fname, p in adapter.factors().items():
             tensors[f"adapters.{name}.{fname}"] = full(p).detach().contiguous().cpu()
         layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
-                        "weight_shape": list(adapter.base_layer.weight.shape),
+                        "weight_shape": adapter.ops.weight_shape(adapter.base_layer),
                         "dtype": str(adapter.factor_dtype).removeprefix("torch."),
                         "scaling": adapter.scaling}  # set at adapt: a later rank change keeps it
         shift = base_shift(adapter)
@@ -316,7 +316,7 @@ def _check_layer(directory: Path, name: str, info: dict[str, Any], module: nn.Mo
         got = f"{ops.kind} {ops.m}x{ops.n}" if ops else type(module).__name__
         raise CheckpointError(f"{directory}: layer {name!r} was saved as {saved} but this model has "
                               f"{got}; load it onto the base model it was trained on")
-    weight = list(module.weight.shape)
+    weight = ops.weight_shape(module)
     if "weight_shape" in info and weight != info["weight_shape"]:
         raise CheckpointError(f"{directory}: layer {name!r} was saved with a {info['kind']} weight of "
                               f"shape {tuple(info['weight_shape'])} but this model's is {tuple(weight)}; "

@@ -85,4 +85,4 @@ def _add_to_base(adapter: Adapter, b0: Tensor, a0: Tensor, sign: int) -> None:
         return
     wide = torch.float32 if w.device.type == "mps" else torch.float64
     delta = adapter.scaling * (b0.to(w.device, wide) @ a0.to(w.device, wide))
-    w.copy_((w.to(wide) + sign * adapter.ops.to_weight_layout(delta, adapter.base_layer)).to(w.dtype))
+    adapter.ops.add_to_weight(adapter.base_layer, adapter.ops.to_weight_layout(delta, adapter.base_layer), sign)

@@ -95,7 +95,8 @@ OPTIONAL_IMPORTS = """
 import sys
 import geopeft
 geopeft.components()  # load every plugin, the integrations' presets included
-print(sorted(m for m in ("transformers", "timm", "torchvision", "peft", "accelerate") if m in sys.modules))
+print(sorted(m for m in ("transformers", "timm", "torchvision", "peft", "accelerate", "bitsandbytes",
+                         "torchao") if m in sys.modules))
 sys.modules["transformers"] = None  # as if not installed
 try:
     from geopeft.integrations.transformers import GeoTrainer

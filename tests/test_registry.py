@@ -22,13 +22,13 @@ KIND_BASES = {kind: f"geopeft.{k.base.__name__}" for kind, k in KINDS.items()}
 HOOKS = {kind: k.hook for kind, k in KINDS.items()}
 
 
-def test_kinds_table_is_the_seven_kinds_and_their_hooks():
+def test_kinds_table_is_the_eight_kinds_and_their_hooks():
     assert HOOKS == {
         "adapter": "register_adapters", "manifold": "register_manifolds",
         "gradient_transform": "register_gradient_transforms",
         "rank_controller": "register_rank_controllers",
         "initializer": "register_initializers", "method": "register_methods",
-        "target_preset": "register_target_presets"}
+        "target_preset": "register_target_presets", "quantization": "register_quantizations"}
     assert KIND_BASES["method"] == "geopeft.Recipe" and KINDS["method"].instance
     # the hookspecs are generated from the table: one per kind, nothing else
     from geopeft import hookspecs
