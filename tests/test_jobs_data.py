@@ -41,3 +41,12 @@ def test_split_indices_partition_and_errors():
         split_indices(10, 0.5, 0.5, seed=0)
     with pytest.raises(ConfigError, match="did you mean 'digits'"):
         load_dataset("digit")
+
+
+def test_drug_reviews_three_classes_split_is_fixed():
+    d = load_dataset("drug_reviews", val_fraction=0.15, test_fraction=0.3, split_seed=0)
+    assert (len(d.train), len(d.val), len(d.test)) == (538, 147, 293) and d.kind == "text"
+    assert d.classes == ("negative", "neutral", "positive")
+    assert np.bincount(np.concatenate([d.train.labels, d.val.labels, d.test.labels])).tolist() == [256, 90, 632]
+    assert d.test.fingerprint() == "e6b379dcca5eb9fab6606627f9ef7b1db78a53e8801285f88d5413a2abce7124"
+    assert not any("&#039;" in t or t.startswith('"') for t in d.train.inputs)  # entities and quotes undone
