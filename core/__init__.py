@@ -70,6 +70,7 @@ def unregister(kind: str, name: str) -> None:
 
 # imported after the interfaces: these modules use them
 from .calibration import LayerStats, calibrate  # noqa: E402
+from .data_parallel import resizable_factors  # noqa: E402
 from .export import export_peft  # noqa: E402
 from .model import adapt, adapters, disable_adapters, merge, unload, unmerge  # noqa: E402
 from .optim import GeometricOptimizer, optimizer  # noqa: E402
@@ -82,6 +83,6 @@ __all__ = [
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
     "LayerStats", "Quantization", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "TargetPreset",
     "UnknownComponentError", "adapt", "adapters", "calibrate", "components", "disable_adapters",
-    "export_peft", "hookimpl", "import_peft", "load", "merge", "optimizer", "register", "save", "summary",
-    "unload", "unmerge", "unregister",
+    "export_peft", "hookimpl", "import_peft", "load", "merge", "optimizer", "register",
+    "resizable_factors", "save", "summary", "unload", "unmerge", "unregister",
 ]

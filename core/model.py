@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .data_parallel import mark_ignored_by_ddp, unmark_ignored_by_ddp
 from .errors import ConfigError, GeopeftError, TargetError
 from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
 from .layers import drop_premerge, layer_ops
@@ -151,6 +152,7 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
             resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
             project_onto_manifolds([a for _, a in pairs])
     setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable, originals))
+    mark_ignored_by_ddp(model)
     return model
 
 
@@ -249,6 +251,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     training left them. Returns `model`."""
     root = find_root(model)
     layers = _layers_or_error(model)
+    unmark_ignored_by_ddp(root)
     for name, layer in layers:
         if merge:
             layer.merge()

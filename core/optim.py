@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from geopeft.kernels import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
+from geopeft.kernels.batched import DTensor
 
+from .data_parallel import GradientSync, resizable, wrapper_group
 from .errors import ConfigError, GeopeftError, ShapeError
 from .geometry import FactorGroup, factor_groups
 from .interfaces import Adapter, RankChange, factor_names_of
@@ -64,14 +66,18 @@ def optimizer(model: nn.Module, optimizer: type[torch.optim.Optimizer] | torch.o
     else:
         raise ConfigError("geopeft.optimizer takes a torch.optim.Optimizer subclass (e.g. "
                           f"torch.optim.AdamW) or instance, got {optimizer!r}")
-    return GeometricOptimizer(inner, adapters(model), state, max_nonfinite_steps=max_nonfinite_steps)
+    named = adapters(model)
+    group = wrapper_group(model, resizable(named, state.resolved.rank_controller))
+    return GeometricOptimizer(inner, named, state, max_nonfinite_steps=max_nonfinite_steps,
+                              sync=GradientSync(group))
 
 
 class GeometricOptimizer(WrappedOptimizer):
     """A torch optimizer that runs the geopeft step (module docstring) around `self.optimizer`."""
 
     def __init__(self, inner: torch.optim.Optimizer, named_adapters: list[tuple[str, Adapter]],
-                 adapt_state: AdaptState, *, max_nonfinite_steps: int | None = 100):
+                 adapt_state: AdaptState, *, max_nonfinite_steps: int | None = 100,
+                 sync: GradientSync | None = None):
         if max_nonfinite_steps is not None and (isinstance(max_nonfinite_steps, bool) or not isinstance(
                 max_nonfinite_steps, int) or max_nonfinite_steps < 1):
             raise ConfigError(f"max_nonfinite_steps must be a positive int or None, got "
@@ -95,6 +101,8 @@ class GeometricOptimizer(WrappedOptimizer):
         self.rank_controller.check_optimizer(inner, self.named_adapters)
         self.transform_states: dict[str, list[dict[str, Tensor]]] = {
             name: [t.init_state(a) for t in self.transforms] for name, a in self.named_adapters}
+        # data parallel: the gradients of factors a rank change replaces (`data_parallel`)
+        self._sync = sync if sync is not None else GradientSync()
         self._plan()
 
     def __repr__(self) -> str:
@@ -107,10 +115,10 @@ class GeometricOptimizer(WrappedOptimizer):
 
     def _plan(self) -> None:
         """Precompute, once per structure change, what each step touches."""
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        by_kind: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
         for g in self.param_groups:
-            for p in g["params"]:
-                by_kind[p.device, p.dtype].append(p)
+            for p in g["params"]:  # FSDP2 shards (DTensors) apart from whole tensors it ignored
+                by_kind[p.device, p.dtype, isinstance(p, DTensor)].append(p)
         self._params_by_kind = list(by_kind.values())  # one fused finite check per kind
         adapters_ = [a for _, a in self.named_adapters]
         groups = [g for g in factor_groups(adapters_) if not g.manifold.is_euclidean]
@@ -126,6 +134,7 @@ class GeometricOptimizer(WrappedOptimizer):
             if any(t.takes_own_step for t in self.transforms) else set()
         self._own_step = [(g, [p for p in g["params"] if id(p) in own]) for g in self.param_groups]
         self._own_step = [(g, ps) for g, ps in self._own_step if ps]
+        self._sync.attach(resizable(self.named_adapters, self.rank_controller))
 
     def _check_factors_are_optimized(self) -> None:
         owned = {id(p) for g in self.param_groups for p in g["params"]}

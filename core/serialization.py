@@ -27,6 +27,7 @@ from torch import nn
 from geopeft.kernels import full
 
 from .atomic import read_files, write_directory
+from .data_parallel import mark_ignored_by_ddp
 from .errors import CheckpointError, ConfigError, GeopeftError, IncompatibleComponentsError
 from .interfaces import factor_dtype_for
 from .layers import layer_ops
@@ -172,6 +173,7 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
             if f"shifts.{name}.B" in shifts:
                 shift_base(adapter, shifts[f"shifts.{name}.B"][0], shifts[f"shifts.{name}.A"][0])
     setattr(model, STATE_ATTR, state)
+    mark_ignored_by_ddp(model)
     return model
 
 

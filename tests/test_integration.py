@@ -92,32 +92,83 @@ def test_accelerate_prepare_keeps_geometry(tiny):
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
-    """The reference: one process, whole batches."""
+    """The reference: one process, whole batches, every case of train.py."""
     out = tmp_path_factory.mktemp("single")
-    subprocess.run([sys.executable, str(TRAIN), "single", str(out)], check=True, env=ENV, timeout=120)
+    subprocess.run([sys.executable, str(TRAIN), "single", str(out)], check=True, env=ENV, timeout=300)
     return load_file(out / "rank0.safetensors")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_ranks_match_single_process(mode, single_process_run, tmp_path):
-    """Two gloo ranks with half batches each end where one process with whole batches does:
-    the geometric stages and the transform run on whole factors and stay in lockstep."""
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", str(TRAIN), mode, str(tmp_path)],
-                   check=True, env=ENV, capture_output=True, timeout=300)
+    """Every registered method, two gloo ranks with half batches each under DDP / FSDP2: the
+    ranks are bitwise equal after every step — GeoLoRA's and AdaLoRA's rank changes included
+    (their new factors' gradients are averaged by geopeft) — and within 1e-5 of one process
+    with whole batches; each rank's saved adapter loads onto a plain base model exactly."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(TRAIN), mode, str(tmp_path)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = load_file(tmp_path / "rank0.safetensors")
     r1 = load_file(tmp_path / "rank1.safetensors")
-    assert r0.keys() == r1.keys() == single_process_run.keys()
+    assert r0.keys() == r1.keys() <= single_process_run.keys()
+    trained = {k.split("/")[0] for k in r0}
+    assert set(geopeft.components()["method"]) <= trained  # every registered method
     for k in r0:
-        assert torch.equal(r0[k], r1[k]), k  # ranks stay in lockstep
+        assert torch.equal(r0[k], r1[k]), k  # ranks in lockstep, after every step
+        assert r0[k].shape == single_process_run[k].shape, k
         assert torch.allclose(r0[k], single_process_run[k], atol=1e-5), k
-        if k.endswith(".A"):
-            norms = r0[k].norm(dim=-1)
-            assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
-    torch.manual_seed(0)
-    loaded = geopeft.load(TinyNet(), tmp_path / "adapter0")  # saved from the wrapped model
-    for name, a in geopeft.adapters(loaded):
-        assert torch.equal(a.A, r0[f"{name}.adapter.A"])
+    last = max(int(k.split("/")[1]) for k in r0)
+    for case in ("geolora", "adalora"):  # ranks changed within the run
+        assert len({r0[f"{case}/{t}/query.adapter.U"].shape for t in range(1, last + 1)}) > 1, case
+    norms = r0[f"lora+oblique+scaled_gd/{last}/query.adapter.A"].norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    for case in trained:  # saved from the wrapped model
+        torch.manual_seed(0)
+        loaded = geopeft.load(TinyNet(), tmp_path / case / "adapter0")
+        for name, a in geopeft.adapters(loaded):
+            for f, p in a.factors().items():
+                assert torch.equal(p, r0[f"{case}/{last}/{name}.adapter.{f}"]), (case, name, f)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone (what DDP and FSDP2 need to be built)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_wrappers_that_would_sync_resized_factors_are_refused(one_process_group):
+    """A rank controller replaces factors by new Parameters: a DDP or FSDP2 wrapper built
+    over them would go on syncing the old ones. `adapt` lists them in the model's DDP ignore
+    list (so DDP(model) leaves them to geopeft, and `unload` takes them off it); a DDP over an
+    outer module, or an FSDP2 that sharded them, is refused by `geopeft.optimizer`."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def geolora():
+        torch.manual_seed(0)
+        return geopeft.adapt(TinyNet(), "geolora", targets="all-linear", rank=4, trainable=["classifier"])
+
+    model = geolora()
+    names = {n for n, p in model.named_parameters() if p in geopeft.resizable_factors(model)}
+    assert len(names) == 12 and set(model._ddp_params_and_buffers_to_ignore) == names
+    geopeft.optimizer(DDP(model), torch.optim.SGD, lr=0.1)  # accepted: DDP leaves them alone
+    outer = torch.nn.Sequential(geolora())
+    with pytest.raises(geopeft.ConfigError, match="DistributedDataParallel syncs 0.query.adapter.U"):
+        geopeft.optimizer(DDP(outer), torch.optim.SGD, lr=0.1)
+    sharded = fully_shard(geolora())
+    with pytest.raises(geopeft.ConfigError, match=r"ignored_params=geopeft.resizable_factors\(model\)"):
+        geopeft.optimizer(sharded, torch.optim.SGD, lr=0.1)
+    model = geolora()
+    geopeft.optimizer(fully_shard(model, ignored_params=geopeft.resizable_factors(model)),
+                      torch.optim.SGD, lr=0.1)
+    lora = geopeft.adapt(TinyNet(), "lora", targets="all-linear", rank=4)
+    assert geopeft.resizable_factors(lora) == set() and not hasattr(lora, "_ddp_params_and_buffers_to_ignore")
+    geopeft.unload(geolora_model := geolora())
+    assert not hasattr(geolora_model, "_ddp_params_and_buffers_to_ignore")
 
 
 def test_torch_compile_fullgraph(tiny):
