@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from geopeft.kernels import stack_fp32, write_stacked
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .interfaces import Adapter, Manifold, factor_names_of
 
 
@@ -89,3 +89,35 @@ def max_violation(adapters: Sequence[Adapter]) -> float:
         with torch.no_grad():
             worst = max(worst, float(group.manifold.violation(group.stacked()).max()))
     return worst
+
+
+def check_initial_points(named: Sequence[tuple[str, Adapter]], initializer: str) -> None:
+    """ConfigError unless every factor is finite and every constrained one is on its
+    manifold (`Manifold.initial_violation` ≤ √ε of the factor's dtype) once `initializer`
+    and the manifold's `project` have run: a factor that starts off its manifold makes the
+    first step NaN (a unit-norm manifold on a factor initialised to 0)."""
+    layer = {id(a): n for n, a in named}
+    for group in factor_groups([a for _, a in named]):
+        if group.manifold.is_euclidean:
+            continue
+        dtype = group.params[0][0].dtype
+        tol = torch.finfo(dtype).eps ** 0.5
+        with torch.no_grad():
+            v = group.manifold.initial_violation(group.stacked())
+        off = (~(v <= tol)).nonzero()  # NaN is off too
+        if len(off):
+            i = int(off[0])
+            raise ConfigError(
+                f"factor {','.join(group.names)!r} of the adapter on {layer[id(group.members[i][0])]!r} "
+                f"starts off its manifold {group.manifold.name or type(group.manifold).__name__!r}: "
+                f"after initializer {initializer!r} and the manifold's project its violation is "
+                f"{float(v[i]):.3g}, above {tol:.2g} (the {str(dtype).removeprefix('torch.')} "
+                "tolerance), and training from there breaks the manifold's invariant (or goes NaN); "
+                "use an initializer that puts the factor on the manifold, or give that factor "
+                "another manifold")
+    for name, adapter in named:
+        for fname, p in adapter.factors().items():
+            if not bool(torch.isfinite(p).all()):
+                raise ConfigError(f"initializer {initializer!r} left factor {fname!r} of the adapter on "
+                                  f"{name!r} with NaN or Inf values; check the base weights (and the "
+                                  "calibration batches of a data-driven initializer)")

@@ -90,6 +90,13 @@ class Manifold(abc.ABC):
     def violation(self, x: Tensor) -> Tensor:
         """How far x is from M, per batch entry: shape x.shape[:-2]. 0 on M."""
 
+    def initial_violation(self, x: Tensor) -> Tensor:
+        """`violation` of a starting point (after `project`): `adapt` refuses a factor above
+        its dtype's tolerance (√ε). Default: `violation(x)`. A manifold whose `project`
+        leaves some points off M by design gives 0 for them (BaLoRA: pairs with
+        rank(BA) < r, balanced once BA has full rank)."""
+        return self.violation(x)
+
     @abc.abstractmethod
     def random_point(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .data_parallel import mark_ignored_by_ddp, unmark_ignored_by_ddp
 from .errors import ConfigError, GeopeftError, TargetError
+from .geometry import check_initial_points
 from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_of
 from .layers import drop_premerge, layer_ops
 from .originals import snapshot, swapped_in, trainable_modules
@@ -151,6 +152,7 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
         with torch.no_grad():
             resolved.initializer.initialize(pairs, model=model, batches=init_batches, loss_fn=loss_fn)
             project_onto_manifolds([a for _, a in pairs])
+        check_initial_points(pairs, resolved.recipe.initializer)
     setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable, originals))
     mark_ignored_by_ddp(model)
     return model

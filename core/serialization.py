@@ -57,7 +57,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     a reader of `path` finds the previous checkpoint or this one, never a mix of the two
     (see `geopeft.atomic`); other files already in the directory are kept. Every component
     is recorded by its registered name; one that is not registered (a class from user code:
-    `geopeft.register` it) is refused before anything is written."""
+    `geopeft.register` it) is refused before anything is written, and so is a NaN or Inf
+    weight."""
     state = _state_or_error(model)
     described = state.to_json()  # refuses an unregistered component before anything is written
     model = find_root(model)  # names relative to the adapted model, not to a DDP wrapper
@@ -77,6 +78,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             layers[name]["shift_rank"] = int(shift[0].shape[1])
     for pname, p in trainable_params(model, state.trainable):
         tensors[f"trainable.{pname}"] = full(p).detach().contiguous().cpu()
+    _refuse_non_finite(tensors, path)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,6 +90,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     text = json.dumps(config, indent=2, sort_keys=False, allow_nan=False) + "\n"
     weights = save_safetensors(tensors, metadata={"format": FORMAT})
     return write_directory(path, {WEIGHTS: weights, CONFIG: text.encode()})
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """GeopeftError, before anything is written, if a tensor to save holds NaN or Inf:
+    `load` would refuse it, and the checkpoint it replaced would be gone."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise GeopeftError(f"the model's {key!r} holds {bad} NaN or Inf value(s): nothing was saved "
+                               f"({path} is unchanged); save a model whose weights are finite (an "
+                               "earlier checkpoint, or the model before the step that diverged)")
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -448,3 +448,37 @@ def test_a_manifold_returning_a_wrong_shape_is_a_shape_error(tiny):
             opt.step()
         # nothing of the step's geometry was written: the factors are where they were
         assert all(torch.equal(b, a.A) for b, (_, a) in zip(before, geopeft.adapters(model)))
+
+
+class _UnitColumns(_WrongShape):
+    """Unit-norm columns (`project` divides by the column norms: 0/0 for a zero column)."""
+
+    name = "unit_columns"
+
+    def __init__(self):
+        super().__init__(broken="")
+
+
+def test_a_factor_that_starts_off_its_manifold_is_refused_at_adapt(tiny):
+    """LoRA's initializer sets B to 0, which has no unit-norm columns: training from there
+    goes NaN at the first step. `adapt` refuses, naming factor, initializer and manifold."""
+    before = module_types(tiny)
+    with pytest.raises(geopeft.ConfigError, match=r"factor 'B' of the adapter on 'query' starts off its "
+                       r"manifold 'unit_columns': after initializer 'lora' .* violation is nan"):
+        geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=2, manifold={"B": _UnitColumns()})
+    assert module_types(tiny) == before and geopeft.adapters(tiny) == []
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=2, manifold={"A": _UnitColumns()})
+
+
+def test_save_refuses_non_finite_weights_and_changes_nothing_on_disk(tiny, tmp_path):
+    model = geopeft.adapt(tiny, "lora", targets=["query"], rank=2, trainable=["classifier"])
+    geopeft.save(model, tmp_path / "ckpt")
+    on_disk = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    for target in (tmp_path / "ckpt", tmp_path / "new"):
+        with pytest.raises(geopeft.GeopeftError, match=r"'trainable.classifier.weight' holds 1 NaN or Inf "
+                           r"value\(s\): nothing was saved"):
+            geopeft.save(model, target)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == on_disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -78,6 +78,13 @@ class BalancedManifold(Manifold):
         """‖BᵀB − AAᵀ‖_F / ‖BᵀB‖_F per pair."""
         return balance_violation(*x)
 
+    def initial_violation(self, x: Pair) -> Tensor:
+        """0 for the pairs `project` leaves as they are by design (rank(BA) < r: LoRA's
+        B = 0 at init), `violation` for the others."""
+        full = balance(x[0], x[1], self.rank_rtol).full_rank
+        v = self.violation(x)
+        return torch.where(full, v, torch.zeros_like(v))
+
     def project_tangent(self, x: Pair, u: Pair) -> Pair:
         return balanced_tangent(x[0], x[1], u[0], u[1])
 
