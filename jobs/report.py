@@ -22,6 +22,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean, or None when a value is missing (a causal LM without answers has no accuracy)."""
+    return None if any(v is None for v in values) else _mean(values)
+
+
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per recipe (`compare.choose`'s results): accuracy as the mean over seeds,
     with a 95% interval and a paired verdict against LoRA from two seeds on; gap to full
@@ -30,14 +35,15 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {r["method"]: r for r in results}
     lora = by.get("lora")
     lora_time = statistics.median(m["step_time"] for m in lora["runs"]) if lora else None
-    full_acc = _mean([m["test_acc"] for m in by[FULL]["runs"]]) if FULL in by else None
+    full_acc = _mean_or_none([m["test_acc"] for m in by[FULL]["runs"]]) if FULL in by else None
     rows = []
     for r in results:
         runs = r["runs"]
-        acc = _mean([m["test_acc"] for m in runs])
-        several = len(runs) > 1
+        acc = _mean_or_none([m["test_acc"] for m in runs])
+        several = len(runs) > 1 and acc is not None
         ci = list(stats.interval(stats.correct_matrix(runs))[1:]) if several else None
         paired = several and lora is not None and r["method"] != "lora"
+        lm = {k: _mean_or_none([m.get(k) for m in runs]) for k in ("test_loss", "test_ppl")}
         step_time = statistics.median(m["step_time"] for m in runs)
         violations = [m["violation"] for m in runs if m["violation"] is not None]
         ranks = [sum(m["ranks"].values()) for m in runs if m.get("ranks")]
@@ -46,8 +52,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "method": r["method"], "lr": r["lr"], "seeds": [m["seed"] for m in runs],
             "test_acc": acc, "test_acc_mean": acc, "test_acc_ci95": ci,
             "vs_lora": stats.vs_reference(runs, lora["runs"]) if paired else None,
-            "val_acc": _mean([m["val_acc"] for m in runs]),
-            "gap_to_full": None if full_acc is None else 100.0 * (acc - full_acc),
+            "val_acc": _mean_or_none([m["val_acc"] for m in runs]),
+            "gap_to_full": None if full_acc is None or acc is None else 100.0 * (acc - full_acc),
+            **(lm if lm["test_ppl"] is not None else {}),
             "step_time": step_time, "step_time_vs_lora": step_time / lora_time if lora_time else None,
             "total_rank": round(_mean(ranks)) if ranks else None,
             "trainable_params": runs[0]["trainable_params"],
@@ -70,11 +77,14 @@ def _bytes(n: int) -> str:
 SEEDED = [("vs_lora", "vs LoRA (95% interval)"), ("verdict", "verdict")]  # after test acc, from 2 seeds
 
 
+LM = [("test_loss", "test loss"), ("test_ppl", "test perplexity")]  # after test acc, causal LM runs
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    if not any(r["test_acc_ci95"] for r in rows):
-        return COLUMNS
     i = [k for k, _ in COLUMNS].index("test_acc") + 1
-    return COLUMNS[:i] + SEEDED + COLUMNS[i:]
+    extra = (SEEDED if any(r["test_acc_ci95"] for r in rows) else []) + (
+        LM if any(r.get("test_ppl") is not None for r in rows) else [])
+    return COLUMNS[:i] + extra + COLUMNS[i:]
 
 
 def _cell(key: str, row: dict[str, Any]) -> str:
@@ -94,6 +104,8 @@ def _cell(key: str, row: dict[str, Any]) -> str:
         return f"{100 * value:.2f}%"
     if key == "gap_to_full":
         return f"{value:+.2f} pt"
+    if key in ("test_loss", "test_ppl"):
+        return f"{value:.4f}"
     if key == "step_time_vs_lora":
         return f"{value:.2f}×"
     if key == "trainable_params":
@@ -145,9 +157,9 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict
                     "full fine-tuning: train.full_lr")
     seeds = rows[0]["seeds"] if rows else [cfg.train.seed]
     head = (f"# geopeft compare: {cfg.run}\n\n"
-            f"model `{cfg.model.kind}{':' + cfg.model.name if cfg.model.name else ''}`, data "
-            f"`{cfg.data.name}` (split seed {cfg.data.split_seed}), targets "
-            f"{', '.join(cfg.adapt.targets)}, rank {cfg.adapt.rank}; {cfg.train.steps} steps of "
+            f"model `{cfg.model.path or cfg.model.kind + (':' + cfg.model.name if cfg.model.name else '')}`"
+            f", task {cfg.task}, data `{cfg.data.path or cfg.data.name}` (split seed {cfg.data.split_seed}), "
+            f"targets {', '.join(cfg.adapt.targets) if cfg.adapt.targets else 'the model preset'}, rank {cfg.adapt.rank}; {cfg.train.steps} steps of "
             f"batch {cfg.train.batch_size}, {cfg.train.optimizer} with {cfg.train.schedule} schedule, "
             f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; {lr_note}.\n\n")
     if len(seeds) > 1:
@@ -196,6 +208,9 @@ def plot_curves(results: list[dict[str, Any]], rows: list[dict[str, Any]], path:
     fig = plt.figure(figsize=(15, 7.5), constrained_layout=True)
     grid = fig.add_gridspec(2, 3, width_ratios=[1, 1, 0.8])
     axes = [[fig.add_subplot(grid[i, j]) for j in range(2)] for i in range(2)]
+    # a causal LM without answers to score: validation loss instead of accuracy
+    by_loss = any(e["val_acc"] is None for res in results for e in res["runs"][0]["evals"])
+    val = "validation loss" if by_loss else "validation accuracy [%]"
     for res in results:
         r = res["runs"][0]
         losses = r["losses"]
@@ -210,17 +225,19 @@ def plot_curves(results: list[dict[str, Any]], rows: list[dict[str, Any]], path:
         axes[0][0].plot(steps, smooth, label=label, **style)
         axes[0][1].plot(times, smooth, label=label, **style)
         ev = r["evals"]
-        axes[1][0].plot([e["step"] for e in ev], [100 * e["val_acc"] for e in ev], marker="o", label=label, **style)
-        axes[1][1].plot([e["time"] for e in ev], [100 * e["val_acc"] for e in ev], marker="o", label=label, **style)
+        ys = [e["val_loss"] if by_loss else 100 * e["val_acc"] for e in ev]
+        axes[1][0].plot([e["step"] for e in ev], ys, marker="o", label=label, **style)
+        axes[1][1].plot([e["time"] for e in ev], ys, marker="o", label=label, **style)
     for ax, (x, y) in zip([a for row in axes for a in row],
                           [("step", "training loss (moving mean)"), ("training time [s]", "training loss (moving mean)"),
-                           ("step", "validation accuracy [%]"), ("training time [s]", "validation accuracy [%]")]):
+                           ("step", val), ("training time [s]", val)]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     axes[0][0].set_title(f"seed {results[0]['runs'][0]['seed']}" if results else "", fontsize=9)
-    _plot_spread(fig.add_subplot(grid[:, 2]), results, rows)
+    if not by_loss:
+        _plot_spread(fig.add_subplot(grid[:, 2]), results, rows)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
