@@ -74,10 +74,6 @@ def wrap(model: nn.Module, ctx: Context, how: str) -> nn.Module:
     if how == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        with torch.no_grad():  # FSDP2 shards contiguous parameters only (an SVD / QR init may
-            for p in model.parameters():  # leave a transposed view); same values, same Parameter
-                if not p.is_contiguous():
-                    p.data = p.data.contiguous()
         for block in shard_units(model):
             fully_shard(block)
         return fully_shard(model)

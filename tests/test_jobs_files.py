@@ -56,7 +56,7 @@ def logits(model, ids):
 def test_causal_lm_compare_every_recipe(work, tmp_path, capsys):
     """Every recipe and full fine-tuning trains a few SFT steps on the JSONL; the table has
     loss, perplexity and choice accuracy."""
-    assert main(["compare", *sft_args(work, tmp_path, f"methods=[{','.join(RECIPES)}]", "full=true")]) == 0
+    assert main(["compare", *sft_args(work, tmp_path, f"methods=[{','.join(RECIPES)}]", "full=true", "jobs=1")]) == 0
     out = tmp_path / "causal_lm_sft"
     runs = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["runs"]}
     assert list(runs) == RECIPES + ["full"]
