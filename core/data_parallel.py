@@ -120,7 +120,7 @@ class GradientSync:
         self.group = group  # None: the default group, if one is initialized
         self.factors: list[tuple[str, str, nn.Parameter]] = []
         self._handles: list = []
-        self._queued = False
+        self._queued: int | None = None  # the graph task whose average is queued
         self._checked = False
 
     def attach(self, factors: Sequence[tuple[str, str, nn.Parameter]]) -> None:
@@ -131,24 +131,26 @@ class GradientSync:
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for *_, p in self.factors]
 
     def world(self):
-        """(group, size) to average over, or None when this is not a multi-process run."""
+        """(group, size) to average over, or None when no process group is initialized."""
         if not (dist.is_available() and dist.is_initialized()):
             return None
         group = self.group if self.group is not None else dist.group.WORLD
-        size = dist.get_world_size(group)
-        return (group, size) if size > 1 else None
+        return group, dist.get_world_size(group)
 
     def _on_grad(self, _param: nn.Parameter) -> None:
-        if self._queued or self.world() is None:
+        # once per backward pass (graph task): one that raised before its end never ran
+        # its queued average, and must not stop the next one from queuing
+        task = torch._C._current_graph_task_id()
+        if task == self._queued or self.world() is None:
             return
-        self._queued = True
+        self._queued = task
         torch.autograd.Variable._execution_engine.queue_callback(self.average)
 
     @torch.no_grad()
     def average(self) -> None:
         """grad ← the mean of every process's grad, for each resizable factor that has one
         on some process (one all-reduce; each process divides first, as DDP does)."""
-        self._queued = False
+        self._queued = None
         world = self.world()
         if world is None or not self.factors:
             return

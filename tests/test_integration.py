@@ -171,6 +171,50 @@ def test_wrappers_that_would_sync_resized_factors_are_refused(one_process_group)
     assert not hasattr(geolora_model, "_ddp_params_and_buffers_to_ignore")
 
 
+def test_resized_factors_are_averaged_once_per_backward_also_after_a_failed_one(one_process_group,
+                                                                              monkeypatch):
+    """GeoLoRA's factors (12, with a trainable head beside them) are averaged by one
+    all-reduce of them all at the end of each backward pass, through rank changes; a backward
+    that raised part-way (its queued average never ran) does not stop the next from averaging."""
+    import torch.distributed as dist
+
+    sizes = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: sizes.append(t.numel()) or real(t, **kw))
+    torch.manual_seed(0)
+    model = geopeft.adapt(TinyNet(), "geolora", targets="all-linear", rank=4, trainable=["classifier"],
+                          period=1, tau=0.5)
+    opt = geopeft.optimizer(model, torch.optim.SGD, lr=0.1)
+    ids = torch.randint(0, 50, (4, 6))
+
+    def expected():  # one presence flag and the values of each factor
+        factors = geopeft.resizable_factors(model)
+        return len(factors) + sum(p.numel() for p in factors)
+
+    ranks = {tuple(opt.ranks().values())}
+    for step in range(3):
+        size = expected()
+        model(ids).pow(2).mean().backward()
+        assert sizes == [size], step
+        sizes.clear()
+        opt.step()
+        opt.zero_grad()
+        ranks.add(tuple(opt.ranks().values()))
+    assert len(ranks) > 1  # the ranks changed, and the new factors were averaged
+
+    def fail(_):
+        raise RuntimeError("a failure part-way through backward")
+
+    hook = model.query.register_forward_hook(lambda m, i, out: [out.register_hook(fail)] and None)
+    with pytest.raises(RuntimeError, match="part-way"):
+        model(ids).pow(2).mean().backward()  # the ffn factors' gradients came first, then this
+    hook.remove()
+    assert sizes == []
+    opt.zero_grad()
+    model(ids).pow(2).mean().backward()
+    assert sizes == [expected()]
+
+
 def test_torch_compile_fullgraph(tiny):
     """The adapted model compiles without graph breaks and trains through the compiled module."""
     geopeft.adapt(tiny, "lora", targets="all-linear", rank=4, manifold={"A": "oblique"})
