@@ -4,7 +4,8 @@
 Both launchers set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; with WORLD_SIZE > 1 the job
 joins the process group (nccl on CUDA, gloo on CPU), wraps the adapted model in DDP
 (`train.distributed: ddp`) or shards it with FSDP2 (`fsdp2`: each block named by the model's
-`_no_split_modules`, then the root), and each process takes its contiguous share of every
+`_no_split_modules`, then the root); factors a rank controller replaces stay out of both
+wrappers (geopeft averages their gradients itself), and each process takes its contiguous share of every
 global batch. Rank 0 writes every file; at the end the processes' trainable parameters are
 compared bitwise (a divergence is an error, never a silently wrong adapter).
 """
@@ -74,11 +75,18 @@ def wrap(model: nn.Module, ctx: Context, how: str) -> nn.Module:
     if how == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
+        import geopeft
+
+        # factors a rank controller replaces stay whole (geopeft averages their gradients)
+        ignored = geopeft.resizable_factors(model) if geopeft.adapters(model) else set()
         for block in shard_units(model):
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, ignored_params=ignored)
+        return fully_shard(model, ignored_params=ignored)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    if all(n in ignored for n, p in model.named_parameters() if p.requires_grad):
+        return model  # every trained factor is resizable: geopeft averages their gradients itself
     return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 

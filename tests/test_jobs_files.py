@@ -181,15 +181,16 @@ def test_bad_files_named_errors_before_training(work, tmp_path, capsys):
 
 def test_two_processes_stay_bitwise_equal(work, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): compare runs each recipe on both processes, each
-    taking half of every global batch; the processes end bitwise equal (checked by the job
-    itself: a divergence fails the command), rank 0 writes."""
+    taking half of every global batch — DDP, with GeoLoRA's resizable factors kept out of it
+    (no DDP wrapper at all when they are all that trains) —; the processes end bitwise equal
+    (checked by the job itself: a divergence fails the command), rank 0 writes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "geopeft", "compare", *sft_args(work, tmp_path, "methods=[stella]", "full=true")]
+           "-m", "geopeft", "compare", *sft_args(work, tmp_path, "methods=[stella,geolora]", "full=true")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "causal_lm_sft"
     runs = json.loads((out / "compare.json").read_text())["runs"]
-    assert [r["method"] for r in runs] == ["stella", "full"]
+    assert [r["method"] for r in runs] == ["stella", "geolora", "full"]
     assert all(r["processes"] == 2 and len(r["fingerprint"]) == 64 for r in runs)
     assert done.stdout.count("| stella |") == 1  # one table: rank 0 prints
