@@ -19,6 +19,7 @@ from .interfaces import Adapter, Recipe, check_alpha, check_rank, factor_names_o
 from .layers import drop_premerge, layer_ops
 from .originals import snapshot, swapped_in, trainable_modules
 from .recipes import Resolved, resolve
+from .save_guard import guard_save_pretrained, release_save_pretrained
 from .shift import add_shift_output, base_shift, unshift_base
 from .targets import find_targets, name_matches
 
@@ -155,6 +156,7 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
         check_initial_points(pairs, resolved.recipe.initializer)
     setattr(model, STATE_ATTR, AdaptState(resolved, rank, alpha, trainable, originals))
     mark_ignored_by_ddp(model)
+    guard_save_pretrained(model)
     return model
 
 
@@ -263,6 +265,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             unshift_base(layer.adapter)
         _replace(root, name, layer.base_layer)
     delattr(root, STATE_ATTR)
+    release_save_pretrained(root)
     return model
 
 

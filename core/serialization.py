@@ -43,6 +43,7 @@ from .model import (
 )
 from .originals import snapshot
 from .recipes import from_json
+from .save_guard import guard_save_pretrained
 from .saved_config import check_config
 from .shift import base_shift, shift_base, unshift_base
 
@@ -187,6 +188,7 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
                 shift_base(adapter, shifts[f"shifts.{name}.B"][0], shifts[f"shifts.{name}.A"][0])
     setattr(model, STATE_ATTR, state)
     mark_ignored_by_ddp(model)
+    guard_save_pretrained(model)
     return model
 
 
