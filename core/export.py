@@ -4,7 +4,9 @@ adapter_model.safetensors), loadable by `peft.PeftModel.from_pretrained`.
 Any adapter exports exactly through its `to_lora()` two-factor form
 (scaling·B·A = ΔW); an adapter whose initializer shifted the base weight (W − s·B₀A₀)
 exports as the LoRA of the original base, [B, −B₀]·[A; A₀] (rank r + r₀). Per-layer ranks and scalings go to PEFT's `rank_pattern` and
-`alpha_pattern`; `trainable` modules go to `modules_to_save`. Writing the files
+`alpha_pattern`; `trainable` modules go to `modules_to_save`, with the head PEFT's task
+model expects (`classifier`/`score`, `qa_outputs`). An HF model's `task_type` and
+`base_model_name_or_path` are filled in (`base_model.describe`). Writing the files
 needs neither peft nor pickle.
 """
 
@@ -25,20 +27,33 @@ from torch import nn
 from geopeft.kernels import full
 
 from .atomic import write_directory
+from .base_model import describe
 from .errors import CheckpointError, GeopeftError
 from .model import adapted_layers, adapters, find_root, find_state, trainable_params
 from .shift import base_shift, lora_of_original_base
 
 PREFIX = "base_model.model."
+#: the head modules PEFT's task models keep with every adapter: `PeftModelFor<task>` adds
+#: them to modules_to_save, and its loader expects their weights in the adapter file
+PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 log = logging.getLogger("geopeft")
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapted `model`'s adapters as a PEFT LoRA adapter directory."""
+    """Write the adapted `model`'s adapters as a PEFT LoRA adapter directory; an HF model's
+    `task_type` and `base_model_name_or_path` are filled in (`base_model.describe`), so
+    `peft.AutoPeftModelFor<task>.from_pretrained(path)` rebuilds the adapted model."""
+    return _write_peft(model, path, None)
+
+
+def _write_peft(model: nn.Module, path: str | os.PathLike, base: dict[str, Any] | None) -> Path:
+    """`export_peft`, with the base model's description `base` (None: read off `model`)."""
     state = find_state(model)
     if state is None:
         raise GeopeftError("the model has no geopeft adapters; nothing to export")
     root = find_root(model)
+    base = describe(root) if base is None else base
     pairs = adapters(root)
     if any(layer.merged for _, layer in adapted_layers(root)):
         raise GeopeftError("the model is merged; call geopeft.unmerge(model) before export_peft")
@@ -71,14 +86,16 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
                  "(W - s*B0*A0); PEFT applies an adapter to the base weights it is given, so they are "
                  "written as the exact LoRA of the original base, [B, -B0]*[A; A0] of rank r + r0",
                  len(shifted), ", ".join(shifted[:3]), ", ..." if len(shifted) > 3 else "")
-    for pname, p in trainable_params(root, state.trainable):
+    heads = [h for h in PEFT_HEADS.get(base.get("task_type"), ()) if trainable_params(root, [h])]
+    to_save = list(state.trainable) + [h for h in heads if h not in state.trainable]
+    for pname, p in trainable_params(root, to_save):
         tensors[f"{PREFIX}{pname}"] = full(p).detach().contiguous().cpu()
     r0 = ranks[pairs[0][0]]
     alpha0 = alphas[pairs[0][0]]
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
+        "task_type": base.get("task_type"),
+        "base_model_name_or_path": base.get("name_or_path"),
         "r": r0,
         "lora_alpha": alpha0,
         "target_modules": "(" + "|".join(re.escape(n) for n, _ in pairs) + ")",
@@ -89,7 +106,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": fan_in_fan_out,
-        "modules_to_save": list(state.trainable) or None,
+        "modules_to_save": to_save or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -119,7 +136,14 @@ def export_saved(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             mname, _, pname = key.removeprefix("trainable.").rpartition(".")
             with _named_as(src, f"tensor {key!r}"):
                 _get_or_make(stub, mname).register_parameter(pname, nn.Parameter(torch.empty_like(t)))
-    return export_peft(install(stub, src, config, tensors, materialize="cpu"), dst)
+    base = config.get("base_model", {})
+    heads = PEFT_HEADS.get(base.get("task_type"), ())
+    if heads and not trainable_params(stub, list(heads)):
+        raise GeopeftError(f"{src} was saved from a {base['task_type']} model, whose PEFT model loads its "
+                           f"head ({' or '.join(heads)}) from the adapter file, but the checkpoint holds no "
+                           "head (it was not trainable=): export with "
+                           f"geopeft.export_peft(geopeft.load(base_model, {str(src)!r}), dst)")
+    return _write_peft(install(stub, src, config, tensors, materialize="cpu"), dst, base)
 
 
 @contextmanager

@@ -32,6 +32,10 @@ def check_config(config: dict[str, Any], file: Path) -> None:
                lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
     c.optional(config, "trainable", "a list of module names (strings)",
                lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v))
+    if "base_model" in config:
+        base = c.field(config, "base_model", "an object {name_or_path, task_type}", _is_dict)
+        for key in ("name_or_path", "task_type"):
+            c.optional(base, key, "a string or null", lambda v: v is None or isinstance(v, str), "base_model")
     _check_recipe(c, c.field(config, "recipe", "an object", _is_dict))
     layers = c.field(config, "layers", "an object {layer name: layer entry}, not empty",
                      lambda v: isinstance(v, dict) and bool(v))

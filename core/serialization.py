@@ -8,7 +8,8 @@ geopeft.json holds the format version, the versions of geopeft and torch, the
 resolved recipe (every component's name and options) and, per layer, its
 rank, kind, matrix shape, factor dtype and scaling (fixed when the adapter was made:
 a rank controller that changes the rank keeps it) — everything `load` needs to rebuild
-the same adapters on a fresh base model.
+the same adapters on a fresh base model — and the base model (`base_model`: its
+`config._name_or_path` and PEFT task type, for `export_saved`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from geopeft.kernels import full
 
 from .atomic import read_files, write_directory
+from .base_model import describe
 from .data_parallel import mark_ignored_by_ddp
 from .errors import CheckpointError, ConfigError, GeopeftError, IncompatibleComponentsError
 from .interfaces import factor_dtype_for
@@ -85,6 +87,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "versions": {"geopeft": _version(), "torch": torch.__version__},
         **described,
+        "base_model": describe(model),  # where the base came from and its task (for export_saved)
         "layers": layers,
     }
     # everything is serialised before the first byte is written
