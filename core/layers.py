@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -354,7 +355,18 @@ def why_unsupported(module: nn.Module) -> str:
                 "geopeft[quant] (and let GEOPEFT_PLUGINS load 'quantized')")
     if isinstance(module, nn.Conv2d):
         return f"grouped convolutions (groups={module.groups}) are not supported"
-    return f"{type(module).__name__} is not a supported layer type (supported: {', '.join(SUPPORTED_LAYERS)})"
+    return f"{public_name(type(module))} is not a supported layer type (supported: {', '.join(SUPPORTED_LAYERS)})"
+
+
+def public_name(cls: type) -> str:
+    """`cls` by the shortest loaded module path that exposes it: torch.nn.LayerNorm,
+    torch.ao.nn.quantized.dynamic.Linear (not the bare "Linear" of several classes)."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{module.__name__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _quantization_names() -> list[str]:

@@ -482,3 +482,15 @@ def test_save_refuses_non_finite_weights_and_changes_nothing_on_disk(tiny, tmp_p
             geopeft.save(model, target)
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == on_disk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_an_unsupported_layer_is_named_by_its_qualified_class():
+    """A dynamically quantized Linear is not "Linear" (that reads as nn.Linear, supported)."""
+    with warnings.catch_warnings():  # torch deprecates its quantized tensors
+        warnings.simplefilter("ignore", UserWarning)
+        model = nn.Sequential(torch.ao.nn.quantized.dynamic.Linear(8, 8))
+    with pytest.raises(geopeft.TargetError, match=r"torch\.ao\.nn\.quantized\.dynamic\.Linear is not a "
+                       r"supported layer type"):
+        geopeft.adapt(model, "lora", targets=["0"], rank=2)
+    with pytest.raises(geopeft.TargetError, match=r"torch\.nn\.LayerNorm is not a supported layer type"):
+        geopeft.adapt(WithNorm(), "lora", targets=["norm"], rank=2)
