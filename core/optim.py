@@ -62,6 +62,10 @@ def optimizer(model: nn.Module, optimizer: type[torch.optim.Optimizer] | torch.o
     elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise GeopeftError("the model has no parameter that requires grad: it was loaded for "
+                                   "inference (geopeft.load(..., trainable=False)) or frozen by hand; "
+                                   "load it with trainable=True (the default) to train it")
         inner = optimizer(params, **kwargs)
     else:
         raise ConfigError("geopeft.optimizer takes a torch.optim.Optimizer subclass (e.g. "

@@ -107,15 +107,30 @@ def _refuse_non_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike
                                "earlier checkpoint, or the model before the step that diverged)")
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -> nn.Module:
     """Rebuild the saved adapters on a fresh `model` in place and return it; outputs equal
     those of the saved model exactly (same base weights, same dtypes). Every field and
-    tensor is checked before the model changes."""
+    tensor is checked before the model changes. `trainable=False` loads for inference
+    only (PEFT's `is_trainable=False`): the factors and the saved `trainable` modules are
+    frozen too, and the model is put in eval mode."""
     if find_state(model) is not None:
         raise GeopeftError("this model already has geopeft adapters; load into a fresh base model")
     directory = Path(path)
     config, tensors = read_checkpoint(directory)
-    return install(model, directory, config, tensors)
+    install(model, directory, config, tensors)
+    if not trainable:
+        _freeze(model)
+    return model
+
+
+def _freeze(model: nn.Module) -> None:
+    """No gradient for the adapters' factors and the `trainable` modules; eval mode."""
+    for _, adapter in adapters(model):
+        for p in adapter.factors().values():
+            p.requires_grad_(False)
+    for _, p in trainable_params(model, find_state(model).trainable):
+        p.requires_grad_(False)
+    model.eval()
 
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

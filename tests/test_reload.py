@@ -120,3 +120,21 @@ def test_a_file_without_scalings_loads_where_unambiguous_and_is_refused_where_no
     with pytest.raises(geopeft.CheckpointError, match=r"layer 'query' lacks the 'scaling' entry.*8 -> 3"):
         geopeft.load(fresh, tmp_path / "geolora")
     assert geopeft.model.find_state(fresh) is None  # the model is untouched
+
+
+def test_load_for_inference_freezes_factors_and_trainable_modules(tmp_path):
+    """`trainable=False`, as PEFT's is_trainable=False: nothing requires grad, eval mode,
+    the same outputs; the optimizer then says why it has nothing to train."""
+    torch.manual_seed(0)
+    model = geopeft.adapt(TinyNet(), "stella", targets=TARGETS, rank=2, trainable=["classifier"])
+    geopeft.save(model, tmp_path)
+    torch.manual_seed(0)
+    frozen = geopeft.load(TinyNet(), tmp_path, trainable=False)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    assert torch.equal(frozen(tiny_batch(3, 4)), model.eval()(tiny_batch(3, 4)))
+    with pytest.raises(geopeft.GeopeftError, match=r"trainable=False"):
+        geopeft.optimizer(frozen, torch.optim.AdamW, lr=1e-3)
+    torch.manual_seed(0)
+    trainable = geopeft.load(TinyNet(), tmp_path)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad} != set()
