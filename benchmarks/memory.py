@@ -1,6 +1,7 @@
-"""Optimizer-state memory: LoRA, LoRA-Pro (efficient and full mode) and full fine-tuning.
+"""Training memory: optimizer state of LoRA, LoRA-Pro and full fine-tuning; and a 4-bit
+(QLoRA-style) base against the bf16 one, with step time against PEFT's LoRA on it.
 
-What it measures: the bytes of optimizer state that training keeps between steps -
+Part `state` — what it measures: the bytes of optimizer state that training keeps between steps -
 the sum of `numel * element_size` over every tensor in the inner optimizer's `state`
 (Adam's moments and step counters, SGD's buffers) plus every tensor in geopeft's
 transform state (LoRA-Pro full mode's m x n moments) - for the pretrained
@@ -18,8 +19,25 @@ state lazily, at the first step) on a small fixed batch, and its state is counte
 script prints one row per method with the ratio to LoRA and to full fine-tuning.
 State is what it is at any step count: these numbers are exact, not timings.
 
+Part `qlora` — a Llama-architecture causal LM (random weights saved once in bf16 to a
+temporary directory: hidden 1024, 4 layers, MLP 2816, vocabulary 2048 by default), LoRA
+rank 8 on every attention and MLP projection (q, k, v, o, gate, up, down):
+
+- peak training memory: `bf16` (the model loaded in bfloat16) and `nf4` (loaded with
+  `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+  bnb_4bit_compute_dtype=torch.bfloat16)`, the QLoRA setup), each in a fresh process:
+  the peak resident set size during `--steps` geopeft LoRA + AdamW steps minus the
+  resident set size before the model was loaded (so weights, adapters, optimizer
+  state, activations and gradients; the load's transient buffers are returned to the
+  OS with malloc_trim before the steps). The ratio nf4 / bf16 is the figure (goal ≤ 0.40).
+- step time: geopeft LoRA and PEFT's LoRA (`get_peft_model`, same rank, alpha, targets)
+  on two copies of the same nf4 model in one process, one step of each in turn for
+  `--rounds` rounds (a shared, loaded machine: paired in time); the median of the per-round
+  ratios geopeft / PEFT is the figure (goal ≤ 1.00).
+
     .venv/bin/python benchmarks/memory.py
-    .venv/bin/python benchmarks/memory.py --rank 16 --json memory.json
+    .venv/bin/python benchmarks/memory.py --part qlora --json qlora.json
+    .venv/bin/python benchmarks/memory.py --part state --rank 16 --json memory.json
 """
 
 from __future__ import annotations
@@ -31,10 +49,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
+from init_cost import PeakRSS, rss  # noqa: E402
 from report import environment, write_report  # noqa: E402
 from step_time import EXPECTED_LAYERS, LR, TARGETS, load_minilm, loss_of, make_batch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -84,17 +111,152 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("state", "qlora", "all"), default="all")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
     parser.add_argument("--steps", type=int, default=2, help="training steps before counting")
     parser.add_argument("--batch", type=int, default=2, help="sequences per batch")
     parser.add_argument("--seq", type=int, default=32, help="tokens per sequence")
+    parser.add_argument("--hidden", type=int, default=1024, help="qlora: hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="qlora: decoder layers")
+    parser.add_argument("--rounds", type=int, default=3, help="qlora: paired step-time rounds")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one memory contender
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- qlora
+QLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_llama(args, directory: str) -> None:
+    """A random Llama (seed 0) saved in bf16: the base both contenders load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+
+
+def load_llama(directory: str, four_bit: bool):
+    """The saved model in bf16, or in nf4 with bf16 compute; every float tensor copied out
+    of the file's memory map, so that both hold their weights in anonymous memory (a
+    mapped page counts in RSS only once touched, which would blur the comparison)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16) if four_bit else None
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
+                                                 quantization_config=quantization)
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.clone()
+    return model
+
+
+def lm_step(model, optimizer, ids) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS is what is in use."""
+    name = ctypes.util.find_library("c")
+    if name and hasattr(ctypes.CDLL(name), "malloc_trim"):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+def measure_training_memory(args) -> dict:
+    """In this fresh process: peak RSS of geopeft LoRA training on the bf16 or nf4 base
+    above the RSS before the model was loaded."""
+    import bitsandbytes  # noqa: F401  (imported before the baseline: its code is not the model's)
+
+    _malloc_trim()
+    before = rss()
+    model = load_llama(args.model_dir, args.only == "nf4")
+    geopeft.adapt(model, "lora", targets=QLORA_TARGETS, rank=args.rank, alpha=2 * args.rank)
+    optimizer = geopeft.optimizer(model, torch.optim.AdamW, lr=LR)
+    ids = make_batch(2048, args.batch, args.seq)["input_ids"]
+    _malloc_trim()
+    with PeakRSS() as mem:
+        for _ in range(args.steps):
+            lm_step(model, optimizer, ids)
+    base = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if ".adapter." not in n]
+    stored = sum(t.numel() * t.element_size() for t in base)  # quant_state's absmax: small, not counted
+    return {"peak_mib": (mem.peak - before) / 2**20, "weights_mib": stored / 2**20}
+
+
+def paired_step_time(args) -> dict:
+    """geopeft LoRA vs PEFT LoRA on two copies of the nf4 model, one step each per round."""
+    import peft
+
+    ours = load_llama(args.model_dir, True)
+    geopeft.adapt(ours, "lora", targets=QLORA_TARGETS, rank=args.rank, alpha=2 * args.rank)
+    theirs = peft.get_peft_model(load_llama(args.model_dir, True), peft.LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, target_modules=QLORA_TARGETS, lora_dropout=0.0))
+    contenders = {"geopeft": (ours, geopeft.optimizer(ours, torch.optim.AdamW, lr=LR)),
+                  "peft": (theirs, torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad],
+                                                     lr=LR))}
+    ids = make_batch(2048, args.batch, args.seq)["input_ids"]
+    for model, optimizer in contenders.values():
+        lm_step(model, optimizer, ids)  # warm-up: optimizer state, lazy kernels
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(args.rounds):
+        for name in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):
+            model, optimizer = contenders[name]
+            start = time.perf_counter()
+            lm_step(model, optimizer, ids)
+            times[name].append(time.perf_counter() - start)
+    ratios = [g / p for g, p in zip(times["geopeft"], times["peft"])]
+    return {"geopeft_step_s": times["geopeft"], "peft_step_s": times["peft"],
+            "ratio_median": statistics.median(ratios)}
+
+
+def qlora(args) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        save_llama(args, directory)
+        common = ["--rank", str(args.rank), "--steps", str(args.steps), "--batch", str(args.batch),
+                  "--seq", str(args.seq), "--model-dir", directory]
+        memory = {}
+        for name in ("bf16", "nf4"):
+            done = subprocess.run([sys.executable, __file__, "--only", name, *common],
+                                  capture_output=True, text=True, check=True)
+            memory[name] = json.loads(done.stdout.splitlines()[-1])
+        args.model_dir = directory
+        timing = paired_step_time(args)
+    ratio = memory["nf4"]["peak_mib"] / memory["bf16"]["peak_mib"]
+    print(f"\nLlama {args.layers} layers, hidden {args.hidden}, LoRA rank {args.rank} on "
+          f"{', '.join(QLORA_TARGETS)}; batch {args.batch} x {args.seq} tokens; CPU")
+    print(f"{'base':<6} {'weights MiB':>11} {'peak training MiB':>18} {'vs bf16':>8}")
+    for name, m in memory.items():
+        print(f"{name:<6} {m['weights_mib']:11.1f} {m['peak_mib']:18.1f} "
+              f"{m['peak_mib'] / memory['bf16']['peak_mib']:8.2f}")
+    g, p = (statistics.median(timing[k]) for k in ("geopeft_step_s", "peft_step_s"))
+    print(f"step time on the nf4 base: geopeft LoRA {g * 1e3:.0f} ms, PEFT LoRA {p * 1e3:.0f} ms "
+          f"(medians of {args.rounds}); median paired ratio geopeft / PEFT {timing['ratio_median']:.2f}")
+    print("GPU: not measured")
+    return {"memory": memory, "memory_ratio_nf4_to_bf16": ratio, "step_time": timing}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
+    if args.only:
+        print(json.dumps(measure_training_memory(args)))
+        return {}
+    report = {"benchmark": "memory", "baseline": BASELINE, "config": vars(args),
+              "environment": environment()}
+    if args.part in ("state", "all"):
+        report["results"] = optimizer_state(args)
+    if args.part in ("qlora", "all"):
+        report["qlora"] = qlora(args)
+    write_report(report, args.json)
+    return report
+
+
+def optimizer_state(args) -> dict:
     results = {}
     for name, build in METHODS.items():
         torch.manual_seed(0)
@@ -124,11 +286,7 @@ def main(argv=None) -> dict:
               f"{r['trainable_params']:11,}")
     print("state = tensors in the optimizer's state + geopeft transform state (LoRA-Pro full mode's "
           "m x n moments); bytes are exact")
-    report = {"benchmark": "memory", "baseline": BASELINE, "config": vars(args),
-              "environment": environment(),
-              "results": results}
-    write_report(report, args.json)
-    return report
+    return results
 
 
 if __name__ == "__main__":

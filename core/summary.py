@@ -89,16 +89,21 @@ def summary(model: nn.Module) -> ModelSummary:
         adapter = layer.adapter
         manifolds = {key: reg.name_of("manifold", type(m)) or type(m).__name__
                      for key, m in adapter.factor_manifolds().items()}
-        layers.append(LayerSummary(name, adapter.ops.kind, adapter.shape, adapter.rank, adapter.scaling,
+        ops = adapter.ops
+        kind = ops.kind if ops.quantization is None else f"{ops.kind} ({ops.quantization.name})"
+        layers.append(LayerSummary(name, kind, adapter.shape, adapter.rank, adapter.scaling,
                                    sum(p.numel() for p in adapter.factors().values()), manifolds,
                                    layer.merged))
     matched = [n for n, _ in trainable_modules(root, state.trainable)]
     outer = [n for n in matched if not any(n.startswith(f"{o}.") for o in matched)]
     modules = {n: sum(p.numel() for p in root.get_submodule(n).parameters()) for n in outer}
     params = list({id(p): p for p in root.parameters()}.values())
+    # a quantized weight's storage (4-bit: two codes a byte) counts as the (m, n) it stands for
+    packed = sum(layer.adapter.ops.m * layer.adapter.ops.n - layer.base_layer.weight.numel()
+                 for _, layer in adapted_layers(root) if layer.adapter.ops.quantization is not None)
     return ModelSummary(
         method=recipe.name, adapter=recipe.adapter, transforms=list(recipe.transforms),
         rank_controller=recipe.rank_controller, initializer=recipe.initializer,
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in params) + packed,
         adapter_params=sum(layer.params for layer in layers), layers=layers, trainable_modules=modules)

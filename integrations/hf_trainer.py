@@ -11,11 +11,15 @@
 - `resume_from_checkpoint` puts the adapters back (resized to the saved ranks first), and
   Trainer then restores the optimizer (geopeft's step count, ranks and transform state
   included), the scheduler and the RNG state: the run continues as if uninterrupted.
+- A quantized base (a 4-bit / 8-bit model, QLoRA-style) trains as with PEFT: Trainer
+  refuses a quantized model without PEFT adapters, so while it checks, the model says it
+  has adapters (HF's `_hf_peft_config_loaded` flag, put back right after).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,25 @@ from ._extras import require
 transformers = require("transformers", "hf", "geopeft.integrations.transformers.GeoTrainer")
 
 
+@contextmanager
+def _adapters_declared(model: Any):
+    """`model` declares adapters to Trainer's check against training a purely quantized
+    model (which knows only PEFT's); the flag is put back as it was on exit."""
+    if model is None or not getattr(model, "is_quantized", False):
+        yield
+        return
+    own = model.__dict__
+    had, before = "_hf_peft_config_loaded" in own, own.get("_hf_peft_config_loaded")
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if had:
+            own["_hf_peft_config_loaded"] = before
+        else:
+            del own["_hf_peft_config_loaded"]
+
+
 class GeoTrainer(transformers.Trainer):
     """`transformers.Trainer` that trains, saves and resumes geopeft adapters (see module doc)."""
 
@@ -35,7 +58,8 @@ class GeoTrainer(transformers.Trainer):
         if model is not None and find_state(model) is None:
             raise geopeft.GeopeftError("GeoTrainer trains a geopeft-adapted model: call "
                                        "geopeft.adapt(model, ...) before building the trainer")
-        super().__init__(model, *args, **kwargs)
+        with _adapters_declared(model):
+            super().__init__(model, *args, **kwargs)
 
     def create_optimizer(self, model: Any = None):
         model = self.model if model is None else model

@@ -111,10 +111,19 @@ def test_adapter_beside_quantized_weight_trains_merges_and_unmerges_exactly(kind
 
 
 def test_qlora_llama_nf4_as_with_peft(tmp_path):
-    """The QLoRA workflow: transformers loads a 4-bit Llama; geopeft's LoRA trains on it,
-    reloads bitwise, exports to PEFT (same outputs) and loads onto the float base."""
+    """The QLoRA workflow: transformers loads a 4-bit Llama; geopeft's LoRA trains on it
+    (with HF Trainer, which refuses a quantized model without adapters), reloads bitwise,
+    exports to PEFT (same outputs) and loads onto the float base."""
     import peft
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        TrainingArguments,
+    )
+
+    from geopeft.integrations.transformers import GeoTrainer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -125,11 +134,13 @@ def test_qlora_llama_nf4_as_with_peft(tmp_path):
     load = lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q4)  # noqa: E731
     model = geopeft.adapt(load(), "lora", targets=["q_proj", "v_proj"], rank=4)
     ids = torch.randint(0, 64, (2, 8))
-    opt = geopeft.optimizer(model, torch.optim.AdamW, lr=1e-2)
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    b0 = model.model.layers[0].self_attn.q_proj.adapter.B.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True)
+    GeoTrainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids]).train()
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.adapter.B, b0)
+    assert "_hf_peft_config_loaded" not in model.__dict__
     with torch.no_grad():
         out = model(input_ids=ids).logits
     geopeft.save(model, tmp_path / "adapter")
@@ -207,3 +218,11 @@ def test_without_the_quantized_plugin_a_4bit_layer_is_refused(monkeypatch, fresh
     _, model = quantized("nf4")
     with pytest.raises(geopeft.TargetError, match=r"quantized by bitsandbytes.*geopeft\[quant\]"):
         geopeft.adapt(model, "lora", targets=["query"], rank=2)
+
+
+def test_summary_counts_a_4bit_weight_as_the_matrix_it_stands_for():
+    plain, model = quantized("nf4")
+    geopeft.adapt(model, "lora", targets=["query", "value"], rank=2)
+    info = geopeft.summary(model)
+    assert info.total_params == sum(p.numel() for p in plain.parameters()) + info.adapter_params
+    assert info.layers[0].kind == "linear (bnb-4bit)"
