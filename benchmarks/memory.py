@@ -183,9 +183,21 @@ def measure_training_memory(args) -> dict:
     with PeakRSS() as mem:
         for _ in range(args.steps):
             lm_step(model, optimizer, ids)
-    base = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if ".adapter." not in n]
-    stored = sum(t.numel() * t.element_size() for t in base)  # quant_state's absmax: small, not counted
-    return {"peak_mib": (mem.peak - before) / 2**20, "weights_mib": stored / 2**20}
+    return {"peak_mib": (mem.peak - before) / 2**20, "weights_mib": base_bytes(model) / 2**20}
+
+
+def base_bytes(model) -> int:
+    """Bytes of the base model's parameters and buffers, a 4-bit weight's scales included."""
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if ".adapter." in name:
+            continue
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                         if isinstance(v, torch.Tensor))
+    return total
 
 
 def paired_step_time(args) -> dict:

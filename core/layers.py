@@ -350,7 +350,7 @@ def why_unsupported(module: nn.Module) -> str:
     if library is not None:
         weight = type(getattr(module, "weight", None))
         return (f"{type(module).__name__} stores its weight quantized by {library} "
-                f"({qualified_name(weight)}), a format no loaded 'quantization' component "
+                f"({public_name(weight)}), a format no loaded 'quantization' component "
                 f"recognises (loaded: {', '.join(_quantization_names()) or 'none'}); install "
                 "geopeft[quant] (and let GEOPEFT_PLUGINS load 'quantized')")
     if isinstance(module, nn.Conv2d):
