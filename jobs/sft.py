@@ -208,16 +208,22 @@ def logits_of(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
 
 
 @torch.no_grad()
-def choice_correct(model: nn.Module, prompt: list[int], choices: list[list[int]], answer: int,
-                   device) -> int:
-    """1 when the answer's summed log-likelihood after the prompt is the highest of the choices."""
+def choice_scores(model: nn.Module, prompt: list[int], choices: list[list[int]], device) -> list[float]:
+    """Each choice's summed log-likelihood after the prompt (one right-padded batch: causal
+    attention keeps padding out of the earlier positions)."""
     seqs = [prompt + c for c in choices]
     ids = pad(seqs, 0).to(device)
     mask = pad([[1] * len(q) for q in seqs], 0).to(device)
     logp = torch.log_softmax(logits_of(model, (ids, mask)).float(), -1)
     n = len(prompt)
-    scores = [float(logp[j, n - 1:n + len(c) - 1].gather(-1, ids[j, n:n + len(c), None]).sum())
-              for j, c in enumerate(choices)]
+    return [float(logp[j, n - 1:n + len(c) - 1].gather(-1, ids[j, n:n + len(c), None]).sum())
+            for j, c in enumerate(choices)]
+
+
+def choice_correct(model: nn.Module, prompt: list[int], choices: list[list[int]], answer: int,
+                   device) -> int:
+    """1 when the answer has the highest summed log-likelihood of the choices."""
+    scores = choice_scores(model, prompt, choices, device)
     return int(max(range(len(scores)), key=scores.__getitem__) == answer)
 
 

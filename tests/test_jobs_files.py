@@ -23,7 +23,7 @@ ROOT = Path(__file__).parent.parent
 SFT = ROOT / "configs" / "examples" / "causal_lm_sft.yaml"
 CLS = ROOT / "configs" / "examples" / "classify_csv.yaml"
 FAST = ["train.steps=3", "train.eval_every=3", "train.batch_size=8", "train.progress=false",
-        "data.max_eval=8"]
+        "data.max_eval=8", "data.max_new_tokens=4"]
 RECIPES = ["lora", "stella", "lorapro", "balora", "geolora", "cglora"]
 
 
@@ -77,7 +77,8 @@ def test_causal_lm_train_outputs_load_with_peft(work, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    assert main(["train", *sft_args(work, tmp_path, "method=cglora", "export.merged=true")]) == 0
+    assert main(["train", *sft_args(work, tmp_path, "method=cglora", "export.merged=true",
+                                    "data.packing=true")]) == 0
     out = tmp_path / "causal_lm_sft"
     assert {p.name for p in out.iterdir()} >= {"adapter", "peft", "merged", "checkpoint", "config.yaml",
                                                 "metrics.json", "README.md"}
@@ -117,12 +118,13 @@ def test_classification_csv_with_column_mapping(work, tmp_path):
     assert "apache, gpl" in (out / "README.md").read_text()  # the classes, sorted
 
 
-def test_sft_labels_response_only_chat_and_packing(work):
+def test_sft_labels_response_only_chat_packing_and_choice_scores(work):
     """prompt tokens carry no loss, the response ends with EOS; a chat's loss is on its
-    assistant turns only (the fallback template); packing keeps each token's label."""
-    from transformers import AutoTokenizer
+    assistant turns only (the fallback template); choices scored in one padded batch score as
+    each alone; packing keeps each token's label."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from geopeft.jobs.sft import IGNORE, Example, pack, prepare_tokenizer, tokenize
+    from geopeft.jobs.sft import IGNORE, Example, choice_scores, pack, prepare_tokenizer, tokenize
 
     tok = AutoTokenizer.from_pretrained(work["llama"])
     prepare_tokenizer(tok)
@@ -138,6 +140,13 @@ def test_sft_labels_response_only_chat_and_packing(work):
     word = tok.convert_tokens_to_ids
     assert kept == [word("general"), word("license"), tok.eos_token_id,
                     word("free"), word("software"), tok.eos_token_id]
+    model = AutoModelForCausalLM.from_pretrained(work["llama"])
+    prompt, choices = [1, 5, 9], [[14], [22, 7, 3], [30, 2]]
+    alone = []
+    for c in choices:  # each choice on its own, unpadded
+        logp = torch.log_softmax(logits(model, torch.tensor([prompt + c])), -1)[0]
+        alone.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(c)))
+    assert choice_scores(model, prompt, choices, torch.device("cpu")) == pytest.approx(alone, abs=1e-5)
     rows, row_labels = pack([([1, 2, 3], [IGNORE, 2, 3]), ([1, 4], [IGNORE, 4])], 2)
     assert rows == [[1, 2], [3, 1], [4]] and row_labels == [[IGNORE, 2], [3, IGNORE], [4]]
 

@@ -70,7 +70,8 @@ def tiny_bert(path: Path, texts: list[str], num_labels: int = 2) -> Path:
 
 def sft_rows(sentences: list[str], choices_every: int = 4) -> list[dict]:
     """prompt / response rows (complete a sentence's last 3 words); every `choices_every`-th
-    row also has 3 choices and the answer's index."""
+    row also has 3 choices and the answer's index, the row after it an answer to generate
+    (exact match) instead of a response."""
     rows = []
     for i, s in enumerate(sentences):
         words = s.split()
@@ -79,6 +80,8 @@ def sft_rows(sentences: list[str], choices_every: int = 4) -> list[dict]:
             others = [" ".join(sentences[(i + k) % len(sentences)].split()[-3:]) for k in (1, 2)]
             row["choices"] = [others[0], row["response"], others[1]]
             row["answer"] = 1
+        elif i % choices_every == 1:
+            row["answer"] = row.pop("response")
         rows.append(row)
     return rows
 
