@@ -1,6 +1,6 @@
 """What a run writes to `<output_dir>/<run>/` (rank 0 only): `adapter/` (geopeft.save),
-`peft/` (a PEFT LoRA directory that `peft.AutoPeftModelFor...` loads by itself: base model
-path and task type filled in), `merged/` (`export.merged`: the fine-tuned model with the
+`peft/` (a PEFT LoRA directory that `peft.AutoPeftModelFor...` loads by itself: geopeft's
+export names the base model path and the task type), `merged/` (`export.merged`: the fine-tuned model with the
 adapters merged, and its tokenizer, `save_pretrained`), `metrics.json` and README.md (a
 short model card). Full fine-tuning writes `model/` (a path model, `save_pretrained`) or
 `model.safetensors` instead of the adapter directories."""
@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import geopeft
+from geopeft.export import export_saved
 
 from . import dist
 
-PEFT_TASK = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 AUTO_CLASS = {"causal_lm": "AutoPeftModelForCausalLM", "classification": "AutoPeftModelForSequenceClassification"}
 
 
@@ -34,20 +34,6 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
         named += [(f"{prefix}.{n}" if prefix else n, b) for n, b in module.named_buffers(recurse=False)
                   if n not in module._non_persistent_buffers_set]
     return {k: full(v).detach().cpu().contiguous() for k, v in named}
-
-
-def export_peft_dir(cfg, src: Path, dst: Path) -> Path:
-    """PEFT's directory from a geopeft.save directory, naming its base model and task so
-    `AutoPeftModelFor...` needs nothing else."""
-    from geopeft.export import export_saved
-
-    export_saved(src, dst)
-    path = dst / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = config.get("base_model_name_or_path") or cfg.model.path
-    config["task_type"] = config.get("task_type") or PEFT_TASK[cfg.task]
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return dst
 
 
 def export_merged(cfg, adapter: Path, dst: Path, num_labels: int, tokenizer) -> Path:
@@ -86,7 +72,7 @@ def write(cfg, method: str, model: nn.Module, metrics: dict[str, Any], out: Path
         out.mkdir(parents=True, exist_ok=True)
         geopeft.save(model, out / "adapter")
         if cfg.model.path and cfg.export.peft:
-            export_peft_dir(cfg, out / "adapter", out / "peft")
+            export_saved(out / "adapter", out / "peft")  # names the base model and task itself
         if cfg.model.path and cfg.export.merged:
             export_merged(cfg, out / "adapter", out / "merged", len(classes), tokenizer)
     if ctx.main:
