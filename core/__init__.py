@@ -70,9 +70,11 @@ def unregister(kind: str, name: str) -> None:
 
 # imported after the interfaces: these modules use them
 from .calibration import LayerStats, calibrate  # noqa: E402
+from .combine import combine  # noqa: E402
 from .data_parallel import resizable_factors  # noqa: E402
 from .export import export_peft  # noqa: E402
 from .model import adapt, adapters, disable_adapters, merge, unload, unmerge  # noqa: E402
+from .named import active_adapters, adapter_names, delete_adapter, set_adapter  # noqa: E402
 from .optim import GeometricOptimizer, optimizer  # noqa: E402
 from .peft_import import import_peft  # noqa: E402
 from .serialization import load, save  # noqa: E402
@@ -81,8 +83,9 @@ from .summary import summary  # noqa: E402
 __all__ = [
     "Adapter", "CheckpointError", "ConfigError", "GeometricOptimizer", "GeopeftError",
     "GradientTransform", "IncompatibleComponentsError", "Initializer", "Manifold", "PluginError",
-    "LayerStats", "Quantization", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError", "TargetPreset",
-    "UnknownComponentError", "adapt", "adapters", "calibrate", "components", "disable_adapters",
-    "export_peft", "hookimpl", "import_peft", "load", "merge", "optimizer", "register",
-    "resizable_factors", "save", "summary", "unload", "unmerge", "unregister",
+    "LayerStats", "Quantization", "RankChange", "RankController", "Recipe", "ShapeError", "TargetError",
+    "TargetPreset", "UnknownComponentError", "active_adapters", "adapt", "adapter_names", "adapters",
+    "calibrate", "combine", "components", "delete_adapter", "disable_adapters", "export_peft", "hookimpl",
+    "import_peft", "load", "merge", "optimizer", "register", "resizable_factors", "save", "set_adapter",
+    "summary", "unload", "unmerge", "unregister",
 ]

@@ -350,7 +350,8 @@ def _calibration_mode(model: nn.Module, adapters: Sequence[tuple[str, Adapter]],
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     ours = {id(a) for _, a in adapters}
-    layers = [layer for _, layer in adapted_layers(model) if id(layer.adapter) in ours]
+    layers = [layer for _, layer in adapted_layers(model)
+              if any(id(a) in ours for a in layer.adapters.values())]
     disabled = [(layer, layer.disabled) for layer in layers]
     try:
         model.train(train_mode)

@@ -54,7 +54,8 @@ def resizable_factors(model: nn.Module) -> set[nn.Parameter]:
     state = find_state(model)
     if state is None:
         raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) first")
-    return {p for *_, p in resizable(adapters(model), state.resolved.rank_controller)}
+    return {p for name, entry in state.by_name.items()  # every named adapter's, active or not
+            for *_, p in resizable(adapters(model, name), entry.resolved.rank_controller)}
 
 
 def _names_in(module: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:

@@ -29,7 +29,17 @@ from geopeft.kernels import full
 from .atomic import write_directory
 from .base_model import describe
 from .errors import CheckpointError, GeopeftError
-from .model import adapted_layers, adapters, find_root, find_state, trainable_params
+from .model import (
+    AdaptState,
+    adapted_layers,
+    adapter_dir,
+    adapters,
+    find_root,
+    find_state,
+    known_adapter,
+    trainable_params,
+    trained_params,
+)
 from .shift import base_shift, lora_of_original_base
 
 PREFIX = "base_model.model."
@@ -40,23 +50,37 @@ PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 log = logging.getLogger("geopeft")
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write the adapted `model`'s adapters as a PEFT LoRA adapter directory; an HF model's
     `task_type` and `base_model_name_or_path` are filled in (`base_model.describe`), so
-    `peft.AutoPeftModelFor<task>.from_pretrained(path)` rebuilds the adapted model."""
-    return _write_peft(model, path, None)
+    `peft.AutoPeftModelFor<task>.from_pretrained(path)` rebuilds the adapted model. Several
+    adapters go in PEFT's layout ("default" in `path`, each other in `path/<name>`, as
+    `save_pretrained` writes them); `adapter_name` exports only that one, in its place."""
+    return _write_peft(model, path, None, adapter_name)
 
 
-def _write_peft(model: nn.Module, path: str | os.PathLike, base: dict[str, Any] | None) -> Path:
+def _write_peft(model: nn.Module, path: str | os.PathLike, base: dict[str, Any] | None,
+                adapter_name: str | None = None) -> Path:
     """`export_peft`, with the base model's description `base` (None: read off `model`)."""
     state = find_state(model)
     if state is None:
         raise GeopeftError("the model has no geopeft adapters; nothing to export")
     root = find_root(model)
     base = describe(root) if base is None else base
-    pairs = adapters(root)
     if any(layer.merged for _, layer in adapted_layers(root)):
         raise GeopeftError("the model is merged; call geopeft.unmerge(model) before export_peft")
+    names = list(state.by_name) if adapter_name is None else [known_adapter(state, adapter_name)]
+    files = {name: _peft_files(root, state, name, base) for name in names}
+    for name, content in files.items():
+        write_directory(adapter_dir(path, name), content)
+    return Path(path)
+
+
+def _peft_files(root: nn.Module, state: AdaptState, adapter_name: str,
+                base: dict[str, Any]) -> dict[str, bytes]:
+    """{file name: bytes} of adapter `adapter_name` as a PEFT LoRA directory."""
+    pairs = adapters(root, adapter_name)
+    trainable = state.by_name[adapter_name].trainable
     tensors = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -87,8 +111,10 @@ def _write_peft(model: nn.Module, path: str | os.PathLike, base: dict[str, Any] 
                  "written as the exact LoRA of the original base, [B, -B0]*[A; A0] of rank r + r0",
                  len(shifted), ", ".join(shifted[:3]), ", ..." if len(shifted) > 3 else "")
     heads = [h for h in PEFT_HEADS.get(base.get("task_type"), ()) if trainable_params(root, [h])]
-    to_save = list(state.trainable) + [h for h in heads if h not in state.trainable]
-    for pname, p in trainable_params(root, to_save):
+    extra = [h for h in heads if h not in trainable]  # the base head (another adapter's: its base values)
+    to_save = list(trainable) + extra
+    for pname, p in [*trained_params(root, state, adapter_name),
+                     *[(n, state.originals.get(n, p)) for n, p in trainable_params(root, extra)]]:
         tensors[f"{PREFIX}{pname}"] = full(p).detach().contiguous().cpu()
     r0 = ranks[pairs[0][0]]
     alpha0 = alphas[pairs[0][0]]
@@ -110,9 +136,8 @@ def _write_peft(model: nn.Module, path: str | os.PathLike, base: dict[str, Any] 
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    return write_directory(path, {
-        "adapter_model.safetensors": save_safetensors(tensors, metadata={"format": "pt"}),
-        "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode()})
+    return {"adapter_model.safetensors": save_safetensors(tensors, metadata={"format": "pt"}),
+            "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode()}
 
 
 def export_saved(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

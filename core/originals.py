@@ -42,21 +42,51 @@ def swapped_in(root: nn.Module, originals: Mapping[str, Tensor]):
     """Within the block, `root`'s parameters and buffers named in `originals` are the
     originals (frozen; cast to the current tensor's device and dtype, so `.to()` / `.half()`
     after `adapt` give what the base model would); afterwards the trained ones again."""
-    undo = []
+    replaced: dict[str, Tensor] = {}
     try:
-        for full, original in originals.items():
-            module_name, _, attr = full.rpartition(".")
-            module = root.get_submodule(module_name)
-            table = module._parameters if attr in module._parameters else module._buffers
-            current = table[attr]
-            value = original.to(device=current.device, dtype=current.dtype)
-            if table is module._parameters:
-                value = nn.Parameter(value, requires_grad=False)
-            elif value is original:
-                value = original.clone()  # a buffer may be updated in place (BatchNorm)
-            undo.append((table, attr, current))
-            table[attr] = value
+        replaced = exchange(root, frozen_entries(root, originals))
         yield
     finally:
-        for table, attr, current in reversed(undo):
-            table[attr] = current
+        exchange(root, replaced)
+
+
+def frozen_entries(root: nn.Module, originals: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`originals` as entries for `root`'s tables: on the current entry's device and dtype,
+    a parameter's as a frozen `nn.Parameter`, a buffer's as a copy (BatchNorm updates its
+    buffers in place)."""
+    entries = {}
+    for full, original in originals.items():
+        table, attr = _table(root, full)
+        current = table[attr]
+        value = original.to(device=current.device, dtype=current.dtype)
+        if table is _module(root, full)._parameters:
+            value = nn.Parameter(value, requires_grad=False)
+        elif value is original:
+            value = original.clone()
+        entries[full] = value
+    return entries
+
+
+def exchange(root: nn.Module, entries: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Put `entries` ({full name: tensor}) in place of `root`'s parameters and buffers of
+    those names, replacing the table entries (never writing into a tensor); returns the
+    replaced ones, which a second `exchange` puts back."""
+    replaced = {}
+    try:
+        for full, value in entries.items():
+            table, attr = _table(root, full)
+            replaced[full] = table[attr]
+            table[attr] = value
+    except BaseException:
+        exchange(root, replaced)
+        raise
+    return replaced
+
+
+def _module(root: nn.Module, full: str) -> nn.Module:
+    return root.get_submodule(full.rpartition(".")[0])
+
+
+def _table(root: nn.Module, full: str) -> tuple[dict, str]:
+    module, attr = _module(root, full), full.rpartition(".")[2]
+    return (module._parameters if attr in module._parameters else module._buffers), attr

@@ -81,14 +81,14 @@ def import_peft(model: nn.Module, path: str | os.PathLike, method: str | Recipe 
                 forget_shift(adapter)
             f = layers[name]
             b, a = f["B"].reshape(f["B"].shape[0], -1), f["A"].reshape(f["A"].shape[0], -1)
-            _fill(adapter, name, b, a, peft_scaling[name] / adapter.scaling)
+            fill_from_lora(adapter, name, b, a, peft_scaling[name] / adapter.scaling)
         project_onto_manifolds([a for _, a in pairs])
         for pname, p in trainable_params(model, trainable):
             p.copy_(rest[pname])
     return model
 
 
-def _fill(adapter: Adapter, name: str, b: Tensor, a: Tensor, ratio: float) -> None:
+def fill_from_lora(adapter: Adapter, name: str, b: Tensor, a: Tensor, ratio: float) -> None:
     """Write PEFT's (B, A) into the adapter so that its ΔW is ratio·(its scaling)·B·A."""
     names = set(adapter.factor_names)
     if names == {"A", "B"}:

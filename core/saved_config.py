@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import CheckpointError
 from .interfaces import Recipe
+from .model import is_adapter_name
 
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -36,6 +37,9 @@ def check_config(config: dict[str, Any], file: Path) -> None:
         base = c.field(config, "base_model", "an object {name_or_path, task_type}", _is_dict)
         for key in ("name_or_path", "task_type"):
             c.optional(base, key, "a string or null", lambda v: v is None or isinstance(v, str), "base_model")
+    c.optional(config, "adapters", "a list of distinct adapter names (their subfolders)",
+               lambda v: isinstance(v, list) and len(set(v)) == len(v)
+               and all(is_adapter_name(x) and x != "default" for x in v))
     _check_recipe(c, c.field(config, "recipe", "an object", _is_dict))
     layers = c.field(config, "layers", "an object {layer name: layer entry}, not empty",
                      lambda v: isinstance(v, dict) and bool(v))

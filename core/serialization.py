@@ -34,15 +34,26 @@ from .errors import CheckpointError, ConfigError, GeopeftError, IncompatibleComp
 from .interfaces import factor_dtype_for
 from .layers import layer_ops
 from .model import (
-    STATE_ATTR,
+    DEFAULT,
+    AdaptedLayer,
+    AdapterState,
     AdaptState,
+    adapter_dir,
     adapters,
     build_adapters,
+    check_adapter_name,
+    check_apart,
+    check_can_add,
     find_root,
     find_state,
     installed,
+    known_adapter,
+    register,
     trainable_params,
+    trained_params,
+    unload,
 )
+from .named import delete_adapter
 from .originals import snapshot
 from .recipes import from_json
 from .save_guard import guard_save_pretrained
@@ -55,33 +66,52 @@ FORMAT = "geopeft-adapter"
 FORMAT_VERSION = 1
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write the model's adapters (and `trainable` modules) to directory `path`, atomically:
     a reader of `path` finds the previous checkpoint or this one, never a mix of the two
     (see `geopeft.atomic`); other files already in the directory are kept. Every component
     is recorded by its registered name; one that is not registered (a class from user code:
     `geopeft.register` it) is refused before anything is written, and so is a NaN or Inf
-    weight."""
+    weight.
+
+    Several adapters are written in PEFT's layout: "default" in `path`, each other one in
+    `path/<name>` (the default's geopeft.json lists them); `adapter_name` writes only that
+    one, in its place of the layout."""
     state = _state_or_error(model)
-    described = state.to_json()  # refuses an unregistered component before anything is written
     model = find_root(model)  # names relative to the adapted model, not to a DDP wrapper
+    names = list(state.by_name) if adapter_name is None else [known_adapter(state, adapter_name)]
+    others = [n for n in names if n != DEFAULT] if adapter_name is None else []
+    # every adapter is serialised before the first byte is written
+    files = {n: _serialize(model, state, n, others if n == DEFAULT else [], adapter_dir(path, n))
+             for n in names}
+    for name in sorted(files, key=lambda n: n == DEFAULT):  # the listing default last
+        write_directory(adapter_dir(path, name), files[name])
+    return Path(path)
+
+
+def _serialize(model: nn.Module, state: AdaptState, name: str, others: list[str],
+               directory: Path) -> dict[str, bytes]:
+    """{file name: bytes} of adapter `name`, bound for `directory`; `others`: the adapters
+    saved in subfolders."""
+    entry = state.by_name[name]
+    described = entry.to_json()  # refuses an unregistered component before anything is written
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
-    for name, adapter in adapters(model):
+    for lname, adapter in adapters(model, name):
         for fname, p in adapter.factors().items():
-            tensors[f"adapters.{name}.{fname}"] = full(p).detach().contiguous().cpu()
-        layers[name] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
-                        "weight_shape": adapter.ops.weight_shape(adapter.base_layer),
-                        "dtype": str(adapter.factor_dtype).removeprefix("torch."),
-                        "scaling": adapter.scaling}  # set at adapt: a later rank change keeps it
+            tensors[f"adapters.{lname}.{fname}"] = full(p).detach().contiguous().cpu()
+        layers[lname] = {"rank": adapter.rank, "kind": adapter.ops.kind, "shape": list(adapter.shape),
+                         "weight_shape": adapter.ops.weight_shape(adapter.base_layer),
+                         "dtype": str(adapter.factor_dtype).removeprefix("torch."),
+                         "scaling": adapter.scaling}  # set at adapt: a later rank change keeps it
         shift = base_shift(adapter)
         if shift is not None:  # the initializer's W ← W − s·B0·A0, replayed by load
-            tensors[f"shifts.{name}.B"] = full(shift[0]).detach().contiguous().cpu()
-            tensors[f"shifts.{name}.A"] = full(shift[1]).detach().contiguous().cpu()
-            layers[name]["shift_rank"] = int(shift[0].shape[1])
-    for pname, p in trainable_params(model, state.trainable):
+            tensors[f"shifts.{lname}.B"] = full(shift[0]).detach().contiguous().cpu()
+            tensors[f"shifts.{lname}.A"] = full(shift[1]).detach().contiguous().cpu()
+            layers[lname]["shift_rank"] = int(shift[0].shape[1])
+    for pname, p in trained_params(model, state, name):
         tensors[f"trainable.{pname}"] = full(p).detach().contiguous().cpu()
-    _refuse_non_finite(tensors, path)
+    _refuse_non_finite(tensors, directory)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -90,10 +120,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "base_model": describe(model),  # where the base came from and its task (for export_saved)
         "layers": layers,
     }
-    # everything is serialised before the first byte is written
+    if others:
+        config["adapters"] = others
     text = json.dumps(config, indent=2, sort_keys=False, allow_nan=False) + "\n"
     weights = save_safetensors(tensors, metadata={"format": FORMAT})
-    return write_directory(path, {WEIGHTS: weights, CONFIG: text.encode()})
+    return {WEIGHTS: weights, CONFIG: text.encode()}
 
 
 def _refuse_non_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -107,29 +138,60 @@ def _refuse_non_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike
                                "earlier checkpoint, or the model before the step that diverged)")
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -> nn.Module:
-    """Rebuild the saved adapters on a fresh `model` in place and return it; outputs equal
-    those of the saved model exactly (same base weights, same dtypes). Every field and
-    tensor is checked before the model changes. `trainable=False` loads for inference
-    only (PEFT's `is_trainable=False`): the factors and the saved `trainable` modules are
-    frozen too, and the model is put in eval mode."""
-    if find_state(model) is not None:
-        raise GeopeftError("this model already has geopeft adapters; load into a fresh base model")
+def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
+         trainable: bool = True) -> nn.Module:
+    """Rebuild the saved adapters on `model` in place and return it; outputs equal those of
+    the saved model exactly (same base weights, same dtypes). Every field and tensor is
+    checked before the model changes. `trainable=False` loads for inference only (PEFT's
+    `is_trainable=False`): the factors and the saved `trainable` modules are frozen too
+    (`set_adapter` keeps them so), and the model is put in eval mode.
+
+    Without `adapter_name`: the adapter in `path` as "default", and the others its
+    geopeft.json lists from their subfolders (the layout `save` writes). With it: that
+    adapter, from `path/<adapter_name>` if that holds one, else from `path`. Into a model
+    that has adapters already, the loaded ones are added inactive (`geopeft.set_adapter`)."""
     directory = Path(path)
+    name = DEFAULT if adapter_name is None else check_adapter_name(adapter_name)
+    if adapter_name is not None and (directory / name / CONFIG).is_file():
+        directory = directory / name
+    fresh = find_state(model) is None
+    if not fresh:
+        check_can_add(model, name)
     config, tensors = read_checkpoint(directory)
-    install(model, directory, config, tensors)
+    todo = [(name, directory, config, tensors)]
+    for other in (config.get("adapters", []) if adapter_name is None else []):
+        if not fresh:
+            check_can_add(model, other)
+        todo.append((other, directory / other, *read_checkpoint(directory / other)))
+    done: list[str] = []
+    try:
+        for n, d, c, t in todo:
+            install(model, d, c, t, adapter_name=n)
+            done.append(n)
+    except BaseException:
+        if done:  # the adapters installed before the one that failed go again
+            if fresh:
+                unload(model, merge=False)
+            else:
+                for n in done:
+                    delete_adapter(model, n)
+        raise
     if not trainable:
-        _freeze(model)
+        _freeze(model, done)
     return model
 
 
-def _freeze(model: nn.Module) -> None:
-    """No gradient for the adapters' factors and the `trainable` modules; eval mode."""
-    for _, adapter in adapters(model):
-        for p in adapter.factors().values():
+def _freeze(model: nn.Module, names: list[str]) -> None:
+    """No gradient for adapters `names`' factors and `trainable` modules, now or after a
+    `set_adapter`; eval mode."""
+    state, root = find_state(model), find_root(model)
+    for name in names:
+        state.by_name[name].frozen = True
+        for _, adapter in adapters(root, name):
+            for p in adapter.factors().values():
+                p.requires_grad_(False)
+        for _, p in trained_params(root, state, name):
             p.requires_grad_(False)
-    for _, p in trainable_params(model, find_state(model).trainable):
-        p.requires_grad_(False)
     model.eval()
 
 
@@ -151,10 +213,14 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def install(model: nn.Module, directory: Path, config: dict[str, Any],
-            tensors: dict[str, torch.Tensor], materialize: torch.device | str | None = None) -> nn.Module:
-    """Install the checkpoint (`config`, `tensors`, read from `directory`) on `model`.
-    Target layers on the meta device are refused, unless `materialize` names the device
-    their factors go to (`export_saved` rebuilds adapters on weightless stand-ins so)."""
+            tensors: dict[str, torch.Tensor], materialize: torch.device | str | None = None,
+            adapter_name: str = DEFAULT) -> nn.Module:
+    """Install the checkpoint (`config`, `tensors`, read from `directory`) on `model` as
+    adapter `adapter_name`. Target layers on the meta device are refused, unless
+    `materialize` names the device their factors go to (`export_saved` rebuilds adapters on
+    weightless stand-ins so)."""
+    adding = find_state(model) is not None
+    model = find_root(model) or model
     cfg = directory / CONFIG
     try:
         resolved = from_json(config["recipe"])
@@ -164,7 +230,7 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
         raise CheckpointError(f"{cfg}: field 'recipe' does not describe a method this geopeft "
                               f"can build: {exc}") from exc
     layers: dict[str, Any] = config["layers"]
-    modules = dict(model.named_modules())
+    modules = {n: m.base_layer if isinstance(m, AdaptedLayer) else m for n, m in model.named_modules()}
     found = []
     for name, info in layers.items():
         module = modules.get(name)
@@ -191,20 +257,28 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
             adapter.to_empty(device=materialize)
             adapter.factor_device = torch.device(materialize)
     trainable = list(config.get("trainable", []))
-    state = AdaptState(resolved, config["rank"], config.get("alpha"), trainable,
-                       snapshot(model, trainable))  # the base values, before the saved ones
-    expected = _described([(n, a) for n, _, a in built], trainable_params(model, state.trainable))
     shifts = _expected_shifts(built, layers)
+    if adding:
+        try:
+            check_apart(model, adapter_name, list(layers), trainable)
+        except ConfigError as exc:
+            raise CheckpointError(f"{directory}: {exc}") from exc
+        if shifts:
+            raise CheckpointError(f"{directory}: its adapter shifted base weights (W − s·B₀A₀), which the "
+                                  "model's other adapters would then run on; load it onto a fresh base")
+    entry = AdapterState(resolved, config["rank"], config.get("alpha"), trainable,
+                         snapshot(model, trainable))  # the base values, before the saved ones
+    expected = _described([(n, a) for n, _, a in built], trainable_params(model, entry.trainable))
     expected.update(shifts)
     _check_tensors(directory, expected, tensors)  # every check before the model changes
     with torch.no_grad():
         for key, (p, _) in expected.items():
             p.copy_(tensors[key])
-    with installed(model, built, trainable):
+    with installed(model, built, trainable, adapter_name):
         for name, _, adapter in built:
             if f"shifts.{name}.B" in shifts:
                 shift_base(adapter, shifts[f"shifts.{name}.B"][0], shifts[f"shifts.{name}.A"][0])
-    setattr(model, STATE_ATTR, state)
+    register(model, adapter_name, entry)
     mark_ignored_by_ddp(model)
     guard_save_pretrained(model)
     return model
@@ -212,26 +286,37 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
 
 def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Put the adapters and `trainable` modules saved in `path` back into `model`, which
-    already carries adapters of the same layers and recipe (a training run resuming from
-    a checkpoint): adapters whose saved rank differs are resized first. In place."""
+    already carries adapters of the same names, layers and recipes (a training run resuming
+    from a checkpoint): adapters whose saved rank differs are resized first. In place."""
     state = _state_or_error(model)
     root = find_root(model)
-    directory = Path(path)
-    config, tensors = read_checkpoint(directory)
-    if config["recipe"] != json.loads(json.dumps(state.resolved.to_json())):
+    saved = [(name, *read_checkpoint(adapter_dir(path, name))) for name in state.by_name]
+    listed = saved[0][1].get("adapters") if saved[0][0] == DEFAULT else None
+    if listed is not None and set(listed) != set(state.by_name) - {DEFAULT}:
+        raise CheckpointError(f"{path} holds adapters {', '.join([DEFAULT, *listed])}, this model "
+                              f"{', '.join(state.by_name)}; restore into the model it was trained as")
+    for name, config, tensors in saved:
+        _restore_one(root, state, name, adapter_dir(path, name), config, tensors)
+    return model
+
+
+def _restore_one(root: nn.Module, state: AdaptState, name: str, directory: Path,
+                 config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    entry = state.by_name[name]
+    if config["recipe"] != json.loads(json.dumps(entry.resolved.to_json())):
         raise CheckpointError(f"{directory} was saved with recipe {config['recipe'].get('method')!r} "
                               f"and other components or options than this model's "
-                              f"({state.resolved.recipe.name!r}); restore into the model it was "
+                              f"({entry.resolved.recipe.name!r}); restore into the model it was "
                               "trained as, or geopeft.load it onto a fresh base model")
-    current = dict(adapters(root))
+    current = dict(adapters(root, name))
     if set(config["layers"]) != set(current):
         raise CheckpointError(f"{directory} holds adapters for other layers than this model's; "
                               "restore into the model it was trained as")
-    for name, info in config["layers"].items():
-        if current[name].rank != info["rank"]:
-            current[name].resize(info["rank"])
-        current[name].scaling = info.get("scaling", current[name].scaling)
-    expected = _described(current.items(), trainable_params(root, state.trainable))
+    for lname, info in config["layers"].items():
+        if current[lname].rank != info["rank"]:
+            current[lname].resize(info["rank"])
+        current[lname].scaling = info.get("scaling", current[lname].scaling)
+    expected = _described(current.items(), trained_params(root, state, name))
     saved_shifts = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("shifts.")]}
     for key, t in saved_shifts.items():
         _check_finite(directory, key, t)
@@ -239,9 +324,9 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for key, (p, _) in expected.items():
             p.copy_(tensors[key])
-        for name, adapter in current.items():
-            _restore_shift(adapter, saved_shifts.get(f"shifts.{name}.B"), saved_shifts.get(f"shifts.{name}.A"))
-    return model
+        for lname, adapter in current.items():
+            _restore_shift(adapter, saved_shifts.get(f"shifts.{lname}.B"),
+                           saved_shifts.get(f"shifts.{lname}.A"))
 
 
 def _saved_scaling(cfg: Path, config: dict[str, Any], resolved, name: str, adapter) -> float:

@@ -86,7 +86,9 @@ def summary(model: nn.Module) -> ModelSummary:
     recipe = state.resolved.recipe
     layers = []
     for name, layer in adapted_layers(root):
-        adapter = layer.adapter
+        if not layer.active:
+            continue
+        adapter = layer.get(layer.active[0])
         manifolds = {key: reg.name_of("manifold", type(m)) or type(m).__name__
                      for key, m in adapter.factor_manifolds().items()}
         ops = adapter.ops

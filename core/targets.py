@@ -125,6 +125,10 @@ def _no_preset(model: nn.Module) -> str:
 
 
 def _walk(model: nn.Module, skip: set[int], prefix: str = ""):
+    """(name, module) of every module; a layer geopeft adapted already counts as its base
+    layer (another adapter may join it), its adapters as nothing."""
+    if getattr(type(model), "is_adapted_layer", False):
+        model = model.base_layer
     yield prefix, model
     for name, child in model.named_children():
         if id(child) in skip:
