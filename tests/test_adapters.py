@@ -86,6 +86,9 @@ def test_save_load_resume_and_export_in_peft_layout(base, trained, tmp_path):
     assert geopeft.adapter_names(twin) == ["default", "b"] and torch.equal(twin(ids), a(ids))
     geopeft.set_adapter(twin, "b")
     assert torch.equal(twin(ids), b(ids))
+    frozen = geopeft.load(copy.deepcopy(base), tmp_path / "all", trainable=False)  # inference only
+    geopeft.set_adapter(frozen, "b")
+    assert torch.equal(frozen(ids), b(ids)) and not any(p.requires_grad for p in frozen.parameters())
     # resume b: the next steps equal those of the uninterrupted run
     twin_opt = geopeft.optimizer(twin, torch.optim.AdamW, lr=1e-2)
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
