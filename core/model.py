@@ -639,18 +639,72 @@ def check_apart(model: nn.Module, name: str, targets: Sequence[str], trainable: 
 
 
 def add_hooks(root: nn.Module) -> None:
-    """`root(..., adapter_names=[...])` runs a mixed batch (PEFT's): hooks on the root take
-    the keyword off before its forward and clear the layers' names after it."""
+    """Hooks on the root of a model with several adapters: `root(..., adapter_names=[...])`
+    runs a mixed batch (PEFT's; the pre-hook takes the keyword off before the forward, the
+    post-hook clears the layers' names after it), and `state_dict` / `load_state_dict`
+    carry the inactive adapters' stashed `trainable` parameters (keys
+    `geopeft_stashed.<adapter>.<parameter>`) and the active names (metadata)."""
     root.register_forward_pre_hook(_mixed_batch_pre_hook, with_kwargs=True)
     root.register_forward_hook(_mixed_batch_post_hook, always_call=True)
+    root.register_state_dict_post_hook(_stashed_state_dict_hook)
+    root.register_load_state_dict_pre_hook(_stashed_load_hook)
+
+
+_HOOKS = ("_mixed_batch_pre_hook", "_mixed_batch_post_hook", "_stashed_state_dict_hook", "_stashed_load_hook")
 
 
 def remove_hooks(root: nn.Module) -> None:
-    for table in (root._forward_pre_hooks, root._forward_hooks):
-        for key in [k for k, f in table.items() if f in (_mixed_batch_pre_hook, _mixed_batch_post_hook)]:
+    for table in (root._forward_pre_hooks, root._forward_hooks, root._state_dict_hooks,
+                  root._load_state_dict_pre_hooks):
+        for key in [k for k, f in table.items() if getattr(getattr(f, "hook", f), "__name__", "") in _HOOKS
+                    and getattr(getattr(f, "hook", f), "__module__", "") == __name__]:
             del table[key]
             root._forward_pre_hooks_with_kwargs.pop(key, None)
             root._forward_hooks_always_called.pop(key, None)
+
+
+STASHED = "geopeft_stashed"
+
+
+def _stashed_state_dict_hook(root: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state = root.__dict__.get(STATE_ATTR)
+    if state is None:
+        return
+    local_metadata["geopeft_active"] = list(state.active)
+    for name, entry in state.by_name.items():
+        for pname, t in entry.stashed.items():
+            state_dict[f"{prefix}{STASHED}.{name}.{pname}"] = t.detach()
+
+
+def _stashed_load_hook(root: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                       missing: list, unexpected: list, errors: list) -> None:
+    """The saved active adapters become the active ones (so every key lands where it was
+    read from); stashed entries go into the stash."""
+    state = root.__dict__.get(STATE_ATTR)
+    if state is None:
+        return
+    active = local_metadata.get("geopeft_active")
+    if active and tuple(active) != state.active and all(n in state.by_name for n in active):
+        from .named import set_adapter
+
+        set_adapter(root, active)
+    head = f"{prefix}{STASHED}."
+    seen = set()
+    for key in [k for k in state_dict if k.startswith(head)]:
+        value = state_dict.pop(key)
+        name, _, pname = key[len(head):].partition(".")
+        target = state.by_name[name].stashed.get(pname) if name in state.by_name else None
+        if target is None:
+            unexpected.append(key)
+        elif target.shape != value.shape:
+            errors.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                          f"the shape in current model is {tuple(target.shape)}.")
+        else:
+            with torch.no_grad():
+                target.copy_(value)
+            seen.add(key)
+    missing += [f"{head}{n}.{p}" for n, e in state.by_name.items() for p in e.stashed
+                if f"{head}{n}.{p}" not in seen]
 
 
 def _mixed_batch_pre_hook(root: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

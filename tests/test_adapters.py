@@ -62,6 +62,15 @@ def test_each_adapter_trains_and_computes_as_the_model_that_has_it_alone(base, t
     both, a, b, _ = trained
     ids = tiny_batch(5)
     assert torch.equal(both(ids), b(ids))  # b active; trained with "default" inactive
+    twin = add(add(copy.deepcopy(base), "default"), "b")  # state_dict: both adapters, b's head
+    geopeft.set_adapter(both, "default")
+    for (_, x), (_, y) in zip(geopeft.adapters(twin), geopeft.adapters(both)):
+        x.resize(y.rank)  # GeoLoRA's ranks moved
+    twin.load_state_dict(both.state_dict())
+    assert torch.equal(twin(ids), a(ids)) and "geopeft_stashed.b.classifier.weight" in both.state_dict()
+    geopeft.set_adapter(both, "b")
+    geopeft.set_adapter(twin, "b")
+    assert torch.equal(twin(ids), b(ids))
     assert max_violation([x for _, x in geopeft.adapters(both)]) <= 1e-5  # balanced B, A
     geopeft.set_adapter(both, "default")
     assert torch.equal(both(ids), a(ids))  # untouched by b's training, its classifier not b's
