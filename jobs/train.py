@@ -87,17 +87,21 @@ class BatchOrder:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128,
              device: torch.device | None = None) -> tuple[float, float, list[int]]:
-    """(mean cross-entropy, accuracy, 0/1 per example) of a classifier on `data`, in eval mode."""
+    """(mean cross-entropy, accuracy, 0/1 per example in `data`'s order) of a classifier on
+    `data`, in eval mode. Text is batched shortest first, so that a batch trimmed to its
+    longest example carries little padding (a third of the cost on short texts)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, []
+    order = torch.argsort(data.inputs[1].sum(1), stable=True) if data.text else torch.arange(len(data))
+    loss_sum, correct = 0.0, torch.zeros(len(data), dtype=torch.int64)
     for i in range(0, len(data), batch_size):
-        inputs, labels = _to(data.batch(torch.arange(i, min(i + batch_size, len(data)))), device)
+        idx = order[i:i + batch_size]
+        inputs, labels = _to(data.batch(idx), device)
         logits = logits_of(model, inputs)
         loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
-        correct += (logits.argmax(-1) == labels).int().tolist()
+        correct[idx] = (logits.argmax(-1) == labels).long().cpu()
     model.train(was_training)
-    return loss_sum / len(data), sum(correct) / len(data), correct
+    return loss_sum / len(data), float(correct.sum()) / len(data), correct.tolist()
 
 
 @torch.no_grad()
@@ -322,6 +326,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
 
     from . import outputs
 
+    cpu_start = time.process_time()
     ctx = ctx or dist.Context()
     t = cfg.train
     if t.threads:
@@ -401,7 +406,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
         "optimizer_state_bytes": measure.optimizer_state_bytes(opt),
         "violation": None if method == FULL else measure.invariant_violation(model),
         "step_time": statistics.median(timed) if timed else None,
-        "train_time": run.train_time,
+        "train_time": run.train_time, "cpu_time": time.process_time() - cpu_start,
         "ranks": measure.ranks(model), "rank_adaptive": _rank_adaptive(model),
         "losses": run.losses, "step_times": run.step_times, "evals": run.evals,
     }
