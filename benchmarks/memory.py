@@ -20,8 +20,9 @@ script prints one row per method with the ratio to LoRA and to full fine-tuning.
 State is what it is at any step count: these numbers are exact, not timings.
 
 Part `qlora` — a Llama-architecture causal LM (random weights saved once in bf16 to a
-temporary directory: hidden 1024, 4 layers, MLP 2816, vocabulary 2048 by default), LoRA
-rank 8 on every attention and MLP projection (q, k, v, o, gate, up, down):
+temporary directory: hidden 1024, MLP 2816, vocabulary 2048, 8 layers for memory and 2
+for step time by default), LoRA rank 8 on every attention and MLP projection (q, k, v, o,
+gate, up, down):
 
 - peak training memory: `bf16` (the model loaded in bfloat16) and `nf4` (loaded with
   `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -29,9 +30,15 @@ rank 8 on every attention and MLP projection (q, k, v, o, gate, up, down):
   the peak resident set size during `--steps` geopeft LoRA + AdamW steps minus the
   resident set size before the model was loaded (so weights, adapters, optimizer
   state, activations and gradients; the load's transient buffers are returned to the
-  OS with malloc_trim before the steps). The ratio nf4 / bf16 is the figure (goal ≤ 0.40).
+  OS with malloc_trim before the steps). glibc's mmap threshold is fixed at 64 KiB in
+  those processes (MALLOC_MMAP_THRESHOLD_), so a freed large block (the 4-bit layer's
+  dequantised weight, one per call) leaves the RSS at once, as it leaves a GPU
+  allocator's count: the RSS is memory in use, not what malloc keeps cached. The ratio
+  nf4 / bf16 is the figure (goal ≤ 0.40).
 - step time: geopeft LoRA and PEFT's LoRA (`get_peft_model`, same rank, alpha, targets)
-  on two copies of the same nf4 model in one process, one step of each in turn for
+  on two copies of the same nf4 model (float32 compute and non-quantized weights: on a
+  CPU without a bfloat16 matrix unit bf16 products are emulated and would bury both
+  contenders' own work) in one process, one step of each in turn for
   `--rounds` rounds (a shared, loaded machine: paired in time); the median of the per-round
   ratios geopeft / PEFT is the figure (goal ≤ 1.00).
 
@@ -117,7 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="sequences per batch")
     parser.add_argument("--seq", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--hidden", type=int, default=1024, help="qlora: hidden size")
-    parser.add_argument("--layers", type=int, default=4, help="qlora: decoder layers")
+    parser.add_argument("--layers", type=int, default=8, help="qlora: decoder layers (memory)")
+    parser.add_argument("--time-layers", type=int, default=2, help="qlora: decoder layers (step time)")
     parser.add_argument("--rounds", type=int, default=3, help="qlora: paired step-time rounds")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one memory contender
@@ -129,25 +137,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 QLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def save_llama(args, directory: str) -> None:
+def save_llama(args, directory: str, layers: int) -> None:
     """A random Llama (seed 0) saved in bf16: the base both contenders load."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=2048, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8)
+                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
 
 
-def load_llama(directory: str, four_bit: bool):
-    """The saved model in bf16, or in nf4 with bf16 compute; every float tensor copied out
+def load_llama(directory: str, four_bit: bool, compute: torch.dtype = torch.bfloat16):
+    """The saved model in bf16, or in nf4 computing in `compute`; every float tensor copied out
     of the file's memory map, so that both hold their weights in anonymous memory (a
     mapped page counts in RSS only once touched, which would blur the comparison)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.bfloat16) if four_bit else None
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
+                                      bnb_4bit_compute_dtype=compute) if four_bit else None
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=compute if four_bit else torch.bfloat16,
                                                  quantization_config=quantization)
     for t in [*model.parameters(), *model.buffers()]:
         if t.is_floating_point():
@@ -201,12 +209,14 @@ def base_bytes(model) -> int:
 
 
 def paired_step_time(args) -> dict:
-    """geopeft LoRA vs PEFT LoRA on two copies of the nf4 model, one step each per round."""
+    """geopeft LoRA vs PEFT LoRA on two copies of the nf4 model, one step each per round
+    (float32 compute: this CPU has no bfloat16 matrix unit, and emulated bf16 products
+    would bury both contenders' own work)."""
     import peft
 
-    ours = load_llama(args.model_dir, True)
+    ours = load_llama(args.model_dir, True, torch.float32)
     geopeft.adapt(ours, "lora", targets=QLORA_TARGETS, rank=args.rank, alpha=2 * args.rank)
-    theirs = peft.get_peft_model(load_llama(args.model_dir, True), peft.LoraConfig(
+    theirs = peft.get_peft_model(load_llama(args.model_dir, True, torch.float32), peft.LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, target_modules=QLORA_TARGETS, lora_dropout=0.0))
     contenders = {"geopeft": (ours, geopeft.optimizer(ours, torch.optim.AdamW, lr=LR)),
                   "peft": (theirs, torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad],
@@ -227,26 +237,29 @@ def paired_step_time(args) -> dict:
 
 
 def qlora(args) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as directory:
-        save_llama(args, directory)
+        save_llama(args, directory, args.layers)
         common = ["--rank", str(args.rank), "--steps", str(args.steps), "--batch", str(args.batch),
                   "--seq", str(args.seq), "--model-dir", directory]
         memory = {}
         for name in ("bf16", "nf4"):
             done = subprocess.run([sys.executable, __file__, "--only", name, *common],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True, check=True, env=env)
             memory[name] = json.loads(done.stdout.splitlines()[-1])
+    with tempfile.TemporaryDirectory() as directory:
+        save_llama(args, directory, args.time_layers)
         args.model_dir = directory
         timing = paired_step_time(args)
     ratio = memory["nf4"]["peak_mib"] / memory["bf16"]["peak_mib"]
-    print(f"\nLlama {args.layers} layers, hidden {args.hidden}, LoRA rank {args.rank} on "
-          f"{', '.join(QLORA_TARGETS)}; batch {args.batch} x {args.seq} tokens; CPU")
+    print(f"\nLlama hidden {args.hidden}, LoRA rank {args.rank} on {', '.join(QLORA_TARGETS)}; "
+          f"batch {args.batch} x {args.seq} tokens; CPU; {args.layers} layers:")
     print(f"{'base':<6} {'weights MiB':>11} {'peak training MiB':>18} {'vs bf16':>8}")
     for name, m in memory.items():
         print(f"{name:<6} {m['weights_mib']:11.1f} {m['peak_mib']:18.1f} "
               f"{m['peak_mib'] / memory['bf16']['peak_mib']:8.2f}")
     g, p = (statistics.median(timing[k]) for k in ("geopeft_step_s", "peft_step_s"))
-    print(f"step time on the nf4 base: geopeft LoRA {g * 1e3:.0f} ms, PEFT LoRA {p * 1e3:.0f} ms "
+    print(f"step time on the nf4 base ({args.time_layers} layers, float32 compute): geopeft LoRA {g * 1e3:.0f} ms, PEFT LoRA {p * 1e3:.0f} ms "
           f"(medians of {args.rounds}); median paired ratio geopeft / PEFT {timing['ratio_median']:.2f}")
     print("GPU: not measured")
     return {"memory": memory, "memory_ratio_nf4_to_bf16": ratio, "step_time": timing}
