@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -43,3 +44,30 @@ def invariant_violation(model: nn.Module) -> float | None:
 
 def ranks(model: nn.Module) -> dict[str, int]:
     return {name: int(a.rank) for name, a in geopeft.adapters(model)}
+
+
+class RankGrowthWatch:
+    """The failure a rank-adaptive run meets: its training loss back at its start while its
+    total rank grew. `update(loss, model)` after every step; warns once (RuntimeWarning,
+    with the numbers) when the mean of the last `window` losses is at or above the mean of
+    the first `window` and the adapters' total rank is above its value at the start.
+    `message` holds the warning (None until then)."""
+
+    def __init__(self, model: nn.Module, window: int = 10):
+        self.window, self.start_rank = window, sum(ranks(model).values())
+        self.losses: list[float] = []
+        self.message: str | None = None
+
+    def update(self, loss: float, model: nn.Module) -> None:
+        self.losses.append(loss)
+        w = self.window
+        if self.message is not None or len(self.losses) < 3 * w:
+            return
+        first, last = sum(self.losses[:w]) / w, sum(self.losses[-w:]) / w
+        total = sum(ranks(model).values())
+        if last >= first and total > self.start_rank:
+            self.message = (f"the training loss is back at its start ({last:.4g}, mean of the last {w} steps; "
+                            f"{first:.4g} over the first {w}) after {len(self.losses)} steps while the total "
+                            f"rank grew from {self.start_rank} to {total}: the rank controller is likely "
+                            "diverging (bound its ranks, lower the lr)")
+            warnings.warn(self.message, RuntimeWarning, stacklevel=2)

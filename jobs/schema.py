@@ -54,7 +54,7 @@ class AdaptConfig:
     alpha: float | None = None  # scaling numerator (null: 2·rank)
     trainable: list[str] | None = None  # modules trained in full alongside the adapters (null: the classification head — classifier, or score for a path model; none for causal_lm)
     init_batches: int = 4  # training batches (the first ones, in order) that a data-driven initializer calibrates on
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per recipe: overrides for geopeft.adapt, e.g. {stella: {retraction: qr}}
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per recipe: overrides for geopeft.adapt, e.g. {stella: {retraction: qr}}; a rank controller that takes total_steps (adalora) gets train.steps unless set here
 
 
 @dataclass

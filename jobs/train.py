@@ -5,6 +5,7 @@ resumption from a checkpoint."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import statistics
@@ -219,6 +220,8 @@ def build(cfg, method: str, num_labels: int, lr: float, train: Encoded | None = 
         return model, wrapped, cls([p for p in wrapped.parameters() if p.requires_grad], **kw)
     alpha = cfg.adapt.alpha if cfg.adapt.alpha is not None else 2.0 * cfg.adapt.rank
     options = dict(cfg.adapt.method_options.get(method, {}))
+    if takes_total_steps(method, options):  # AdaLoRA's budget schedule spans the run
+        options.setdefault("total_steps", cfg.train.steps)
     calib = calibration_batches(cfg, train) if train is not None else None
     if calib:
         calib = [_to(b, ctx.device) for b in calib]
@@ -228,6 +231,17 @@ def build(cfg, method: str, num_labels: int, lr: float, train: Encoded | None = 
                   loss_fn=_calibration_loss_fn(cfg) if calib else None, **options)
     wrapped = dist.wrap(model, ctx, cfg.train.distributed)
     return model, wrapped, geopeft.optimizer(wrapped, cls, **kw)
+
+
+def takes_total_steps(method: str, options: dict[str, Any]) -> bool:
+    """Whether the rank controller `method` uses (after `options`) takes `total_steps`."""
+    from geopeft.registry import get_registry
+
+    reg = get_registry()
+    controller = options.get("rank_controller", reg.get("method", method).rank_controller)
+    if not isinstance(controller, str):
+        return False
+    return "total_steps" in inspect.signature(reg.get("rank_controller", controller)).parameters
 
 
 @dataclass
@@ -355,6 +369,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
     bar = tqdm(total=t.steps, initial=run.step, desc=f"{method:>8}", disable=not (t.progress and ctx.main),
                dynamic_ncols=True, leave=True)
     ema = None
+    watch = measure.RankGrowthWatch(model) if _rank_adaptive(model) else None
     for step in range(run.step, t.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, t.steps, t.warmup, t.schedule)
@@ -376,6 +391,8 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
         run.step, run.train_time = step + 1, run.train_time + elapsed
         run.losses.append(value.item())
         run.step_times.append(elapsed)
+        if watch is not None:
+            watch.update(run.losses[-1], model)
         ema = run.losses[-1] if ema is None else 0.9 * ema + 0.1 * run.losses[-1]
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", step_ms=f"{1000 * elapsed:.0f}")
@@ -408,6 +425,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
         "step_time": statistics.median(timed) if timed else None,
         "train_time": run.train_time, "cpu_time": time.process_time() - cpu_start,
         "ranks": measure.ranks(model), "rank_adaptive": _rank_adaptive(model),
+        "warning": watch.message if watch is not None else None,
         "losses": run.losses, "step_times": run.step_times, "evals": run.evals,
     }
     if out is not None:

@@ -84,6 +84,31 @@ def minilm(minilm_path):
     return AutoTokenizer.from_pretrained(minilm_path), AutoModel.from_pretrained(minilm_path)
 
 
+@pytest.fixture(scope="session")
+def rotten_tomatoes_minilm(minilm):
+    """Real labelled text for MiniLM tests, tokenised once: rotten_tomatoes (critics' snippets,
+    fresh / rotten) at ≤ 32 tokens in a fixed seeded order — "calib": 8 batches of 8
+    training snippets (0–63), "train": 50 batches of 8 (64–463), "val": 4 batches of 32
+    validation snippets; a batch is ((input_ids, attention_mask), labels)."""
+    from geopeft.jobs.data import load_dataset
+
+    tokenizer, _ = minilm
+    data = load_dataset("rotten_tomatoes")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def batches(split, idx, size):
+        out = []
+        for i in range(0, len(idx), size):
+            enc = tokenizer([split.inputs[j] for j in idx[i:i + size]], padding="longest",
+                            truncation=True, max_length=32, return_tensors="pt")
+            out.append(((enc["input_ids"], enc["attention_mask"]),
+                        torch.as_tensor(split.labels[idx[i:i + size]], dtype=torch.long)))
+        return out
+
+    return {"calib": batches(data.train, order[:64], 8), "train": batches(data.train, order[64:464], 8),
+            "val": batches(data.val, list(range(128)), 32)}
+
+
 @pytest.fixture
 def unregistered_after() -> Iterator[list[tuple[str, str]]]:
     """A list of (kind, name) that must no longer be registered once the test's other

@@ -75,3 +75,40 @@ def factor_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[i
 
     return {f"{n}.{f}": (tuple(p.shape), p.stride()) for n, a in geopeft.adapters(model)
             for f, p in a.factors().items()}
+
+
+def minilm_classifier(encoder: nn.Module, blocks: int, seed: int) -> nn.Module:
+    """A copy of the MiniLM `encoder` cut to its first `blocks` blocks, under a mean-pooled
+    2-class linear head seeded by `seed` (`geopeft.jobs.models.TextClassifier`)."""
+    import copy
+
+    from geopeft.jobs.models import TextClassifier
+
+    torch.manual_seed(seed)
+    model = TextClassifier(copy.deepcopy(encoder), 2)
+    model.encoder.encoder.layer = model.encoder.encoder.layer[:blocks]
+    return model
+
+
+def text_ce(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy of a text classifier on a ((input_ids, attention_mask), labels) batch."""
+    (ids, mask), labels = batch
+    return nn.functional.cross_entropy(model(ids, mask), labels)
+
+
+def train_text(model: nn.Module, opt: torch.optim.Optimizer, batches, val) -> list[float]:
+    """The mean held-out loss on `val` before training, then after one optimizer step on each
+    batch of `batches` (train mode while training, eval mode to measure): [start, end]."""
+    def held_out() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = sum(float(text_ce(model, b)) for b in val) / len(val)
+        model.train()
+        return loss
+
+    start = held_out()
+    for batch in batches:
+        opt.zero_grad()
+        text_ce(model, batch).backward()
+        opt.step()
+    return [start, held_out()]

@@ -14,6 +14,8 @@ from torch import nn
 import geopeft
 from geopeft import ConfigError
 
+from helpers import minilm_classifier, text_ce, train_text
+
 M_OUT, N_IN, RANK, ROWS = 6, 8, 2, 40
 
 
@@ -352,54 +354,20 @@ def test_scale_search_treats_a_non_finite_loss_as_a_rise_and_stays_on_the_grid()
     assert search_scale(losses.__getitem__) == 1e-2
 
 
-def test_cglora_ends_below_lora_after_50_steps_on_minilm_and_a_real_task(minilm):
+def test_cglora_ends_below_lora_after_50_steps_on_minilm_and_a_real_task(minilm, rotten_tomatoes_minilm):
     """The claim the initialisation exists for, on real weights and real labelled text: the
     first two pretrained MiniLM blocks + a linear head on rotten_tomatoes (8 calibration
     batches of 8 snippets, 50 AdamW steps at the same lr): `cglora`'s held-out loss after
     50 steps is below `lora`'s. (The whole 6-block model over 5 seeds and 3 learning rates:
     benchmarks/cglora_minilm.py.)"""
-    import torch.nn.functional as F
-
-    from geopeft.jobs.data import load_dataset
-    from geopeft.jobs.models import TextClassifier
-
-    tokenizer, encoder = minilm
-    data = load_dataset("rotten_tomatoes")
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def batches(split, idx, size):
-        out = []
-        for i in range(0, len(idx), size):
-            enc = tokenizer([split.inputs[j] for j in idx[i:i + size]], padding="longest",
-                            truncation=True, max_length=32, return_tensors="pt")
-            out.append(((enc["input_ids"], enc["attention_mask"]),
-                        torch.as_tensor(split.labels[idx[i:i + size]], dtype=torch.long)))
-        return out
-
-    calib = batches(data.train, order[:64], 8)
-    train = batches(data.train, order[64:464], 8)
-    val = batches(data.val, list(range(128)), 32)
-
-    def ce(model, batch):
-        (ids, mask), labels = batch
-        return F.cross_entropy(model(ids, mask), labels)
-
-    torch.manual_seed(0)
-    base = TextClassifier(copy.deepcopy(encoder), 2)
-    base.encoder.encoder.layer = base.encoder.encoder.layer[:2]
+    data = rotten_tomatoes_minilm
+    base = minilm_classifier(minilm[1], blocks=2, seed=0)
     final = {}
     for method in ("lora", "cglora"):
         model = geopeft.adapt(copy.deepcopy(base), method, targets=["query", "value"], rank=8, alpha=16,
-                              trainable=["classifier"], init_batches=calib, loss_fn=ce)
+                              trainable=["classifier"], init_batches=data["calib"], loss_fn=text_ce)
         opt = geopeft.optimizer(model, torch.optim.AdamW, lr=5e-4, weight_decay=0.0)
-        model.train()
-        for batch in train:
-            opt.zero_grad()
-            ce(model, batch).backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            final[method] = sum(float(ce(model, b)) for b in val) / len(val)
+        final[method] = train_text(model, opt, data["train"], data["val"])[-1]
     assert final["cglora"] < final["lora"], final
 
 

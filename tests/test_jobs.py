@@ -123,3 +123,24 @@ def test_ranks_figure_for_rank_adaptive_recipes(tmp_path):
     with Image.open(tmp_path / "ranks.png") as img:
         img.load()
         assert img.size == (990, 288)  # one panel: only the rank-adaptive recipe
+
+
+def test_rank_growth_watch_warns_once_when_the_loss_is_back_at_its_start_while_ranks_grew(recwarn):
+    import geopeft
+    from geopeft.jobs.measure import RankGrowthWatch
+
+    from helpers import TinyNet
+
+    model = geopeft.adapt(TinyNet(), "geolora", targets=["query", "value"], rank=2)
+    watch = RankGrowthWatch(model, window=2)
+    for loss in (1.0, 0.9, 0.8, 0.7, 0.9, 1.0):  # back at the start, but the ranks did not grow
+        watch.update(loss, model)
+    geopeft.adapters(model)[0][1].resize(5)
+    for loss in (0.6, 0.5, 0.4, 0.3):  # ranks grew, the loss keeps falling
+        watch.update(loss, model)
+    assert watch.message is None and not recwarn.list
+    for loss in (0.9, 1.0, 1.0, 1.2):
+        watch.update(loss, model)
+    assert [str(w.message) for w in recwarn.list] == [watch.message]
+    assert "back at its start (0.95, mean of the last 2 steps; 0.95 over the first 2) after 12 steps" in watch.message
+    assert "total rank grew from 4 to 7" in watch.message

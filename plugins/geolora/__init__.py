@@ -41,12 +41,12 @@ def register_initializers(register):
 def register_methods(register):
     register("geolora", Recipe(
         name="geolora", adapter="usv", rank_controller="geolora", initializer="zero_core",
-        riemannian_grad=False, options={"train_bases": False},
+        riemannian_grad=False, options={"train_bases": False}, lr=3e-3,
         description="GeoLoRA: ΔW = s·U·S·Vᵀ, U and V orthonormal, moved only by basis augmentation "
                     "(QR of [U, G_U S⁻ᵀ]) and singular-value truncation of S (tolerance tau); the "
                     "optimizer trains S; one backward pass per step"))
     register("adalora", Recipe(
         name="adalora", adapter="usv", rank_controller="adalora", initializer="zero_core",
-        options={"diag_s": True},
+        options={"diag_s": True}, lr=3e-3,
         description="AdaLoRA's allocation on U·diag(S)·Vᵀ (U, V on stiefel): triplets pruned by "
                     "smoothed sensitivity |p·∇p| under the cubic budget schedule, by resizing"))

@@ -12,7 +12,7 @@ from torch import Tensor
 from geopeft import Adapter, ConfigError, RankChange, RankController
 from geopeft.kernels import augment, basis_directions, core_svd, stack_fp32, tolerance_ranks
 
-from .history import RankHistory
+from .history import RankHistory, logger
 
 
 def check_basis_manifolds(controller: str, layer: str, adapter: Adapter) -> None:
@@ -52,18 +52,28 @@ class GeoLoRAController(RankController):
     follows every change (`GeometricOptimizer.resize_many`): moments of kept directions
     are rotated with the basis, new directions start at zero.
 
-    Options: `tau` (0.1), `r_min` (2), `r_max` (None: the layer's min(m, n)), `period` (10),
-    `budget` (None), `train_bases` (True: the optimizer also steps U and V as their manifold
-    says — StelLA's Riemannian steps; False, the `geolora` recipe: U and V move only by
-    augmentation and truncation, their gradients are taken before the optimizer step),
-    `damping` (1e-3: S⁻¹ damped to σ/(σ² + (damping·σ_max)²)).
+    Options: `tau` (0.1), `r_min` (2), `r_max` (None: 2·r₀, twice the layer's initial rank, as
+    the official GLUE settings; an int caps every layer, min(m, n) at most), `period` (10),
+    `budget` ("initial": the total initial rank Σ r₀, LoRA's at the same rank; an int: that
+    total; None: per-layer τ and r_max only), `train_bases` (True: the optimizer also steps U
+    and V as their manifold says — StelLA's Riemannian steps; False, the `geolora` recipe: U
+    and V move only by augmentation and truncation, their gradients are taken before the
+    optimizer step), `damping` (1e-3: S⁻¹ damped to σ/(σ² + (damping·σ_max)²)).
+
+    No augmentation while a layer's core is exactly 0 (at the start: its gradients G_U, G_V
+    are 0 and would add arbitrary directions); its first cycle trains S at the initial rank.
+    A second moment of S's new entries (Adam's `exp_avg_sq`) starts at the mean of the kept
+    block's, not at 0: Adam then moves a new entry in proportion to its gradient, as the old
+    ones, instead of by a full normalised step whatever its gradient (see docs).
+    After a truncation, a total rank above the budget (or, with `budget=None`, above Σ r₀)
+    and a layer at full rank min(m, n) are logged once at WARNING on `geopeft.ranks`.
     """
 
     name = "geolora"
     requires = frozenset({"U", "S", "V"})
 
     def __init__(self, tau: float = 0.1, r_min: int = 2, r_max: int | None = None, period: int = 10,
-                 budget: int | None = None, train_bases: bool = True, damping: float = 1e-3):
+                 budget: int | str | None = "initial", train_bases: bool = True, damping: float = 1e-3):
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"tau must be in [0, 1), got {tau!r}")
         for label, value in (("r_min", r_min), ("period", period)):
@@ -71,14 +81,17 @@ class GeoLoRAController(RankController):
                 raise ValueError(f"{label} must be a positive int, got {value!r}")
         if r_max is not None and not (isinstance(r_max, int) and r_max >= r_min):
             raise ValueError(f"r_max must be an int >= r_min ({r_min}), got {r_max!r}")
-        if budget is not None and not (isinstance(budget, int) and budget >= 1):
-            raise ValueError(f"budget must be a positive int (a total rank), got {budget!r}")
+        if not (budget is None or budget == "initial" or (isinstance(budget, int) and budget >= 1)):
+            raise ValueError(f"budget must be a positive int (a total rank), 'initial' (the total initial "
+                             f"rank) or None (no global budget), got {budget!r}")
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
         self.tau, self.r_min, self.r_max, self.period = float(tau), r_min, r_max, period
         self.budget, self.train_bases, self.damping = budget, bool(train_bases), float(damping)
         self.history = RankHistory(self.name)
         self._captured: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._warned: set[str] = set()
+        self.seed_moments = True
 
     @property
     def rank_history(self) -> list[dict[str, Any]]:
@@ -101,13 +114,19 @@ class GeoLoRAController(RankController):
                     f"but the adapter on {name!r} has {', '.join(flat)} on the euclidean manifold, which "
                     "does not keep them orthonormal: put U and V on 'stiefel' (method='stella') or "
                     "pass train_bases=False (method='geolora')")
-        if self.budget is not None and self.budget < self.r_min * len(adapters):
-            raise ConfigError(f"geolora budget={self.budget} is below r_min × layers = {self.r_min} × "
+        budget = self.total_budget(adapters)
+        if budget is not None and budget < self.r_min * len(adapters):
+            raise ConfigError(f"geolora budget={budget} is below r_min × layers = {self.r_min} × "
                               f"{len(adapters)}: raise the budget or lower r_min")
 
     def layer_max(self, adapter: Adapter) -> int:
         m, n = adapter.shape
-        return min(m, n) if self.r_max is None else min(self.r_max, m, n)
+        cap = 2 * initial_rank(adapter) if self.r_max is None else self.r_max
+        return min(cap, m, n)
+
+    def total_budget(self, adapters) -> int | None:
+        """The total rank truncation keeps at most: Σ r₀ for "initial", the int, or None."""
+        return sum(initial_rank(a) for _, a in adapters) if self.budget == "initial" else self.budget
 
     # ------------------------------------------------------------------ the two hooks
     def _phase(self, t: int) -> tuple[bool, bool]:
@@ -143,13 +162,35 @@ class GeoLoRAController(RankController):
             cand, maps = self._truncate(adapters, cand)
         if not cand:
             return None
+        old_ranks = {n: a.rank for n, a in adapters}
         optimizer.resize_many([
             RankChange(name, c.u.shape[-1], basis={"U": (pu,), "S": (pu, pv), "V": (pv,)},
                        values={"U": c.u, "S": c.s, "V": c.v})
             for name, c in cand.items() for pu, pv in [maps[name]]])
+        if augmenting and not truncating and self.seed_moments:
+            seed_new_second_moments(optimizer, [(a, old_ranks[n]) for n, a in adapters if n in cand])
         if truncating:
             self.history.record(step, {n: a.rank for n, a in adapters})
+            self._guard(step, adapters)
         return {name: c.u.shape[-1] for name, c in cand.items()}
+
+    def _guard(self, step: int, adapters) -> None:
+        """Log once (WARNING, `geopeft.ranks`) a total rank above the budget — Σ r₀ without
+        one — and once a layer at full rank min(m, n): the adapter is no longer low-rank."""
+        total, budget = sum(a.rank for _, a in adapters), self.total_budget(adapters)
+        limit = budget if budget is not None else sum(initial_rank(a) for _, a in adapters)
+        if total > limit and "total" not in self._warned:
+            self._warned.add("total")
+            logger.warning("geolora: total rank %d after the truncation at step %d is above %s %d over %d "
+                           "layers; largest layer rank %d. Bound it with budget= or r_max=", total, step,
+                           "the budget" if budget is not None else "the initial total rank", limit,
+                           len(adapters), max(a.rank for _, a in adapters))
+        full = [(n, a.rank) for n, a in adapters if a.rank >= min(a.shape)]
+        if full and "full" not in self._warned:
+            self._warned.add("full")
+            logger.warning("geolora: %d layer(s) at full rank min(m, n) after step %d, e.g. %s at rank %d: "
+                           "no longer a low-rank adapter. Set r_max= (default 2 × the initial rank)",
+                           len(full), step, *full[0])
 
     # ------------------------------------------------------------------ the batched math
     def _augment(self, adapters, captured, lrs) -> dict[str, Candidate]:
@@ -160,14 +201,21 @@ class GeoLoRAController(RankController):
                 groups[(a.shape, a.rank, a.U.dtype, a.U.device)].append((name, a))
         out = {}
         for (_, r, *_), members in groups.items():
+            s_pre = stack_fp32([captured[id(a)][2] for _, a in members])
+            live = s_pre.flatten(1).abs().amax(1) > 0  # a zero core: G_U = G_V = 0, nothing to add
+            if not bool(live.all()):
+                members = [m for m, ok in zip(members, live.tolist()) if ok]
+                s_pre = s_pre[live]
+            if not members:
+                continue
             ads = [a for _, a in members]
             new_rank = min(2 * r, self.layer_max(ads[0]))
-            gu, gv, s_pre = (stack_fp32([captured[id(a)][i] for a in ads]) for i in range(3))
+            gu, gv = (stack_fp32([captured[id(a)][i] for a in ads]) for i in range(2))
             gk, gl = basis_directions(gu, gv, s_pre, self.damping)
-            lr = torch.tensor([float(lrs.get(id(a.S), 0.0)) for a in ads], device=gu.device)
+            lr = torch.tensor([float(lrs.get(id(a.S), 0.0)) for a in ads], dtype=gu.dtype, device=gu.device)
             u_hat, s_hat, v_hat = augment(stack_fp32([a.U for a in ads]), stack_fp32([a.S for a in ads]),
                                           stack_fp32([a.V for a in ads]), gk, gl, lr, new_rank)
-            emb = torch.eye(r, new_rank, device=gu.device)
+            emb = torch.eye(r, new_rank, dtype=gu.dtype, device=gu.device)
             for i, (name, _) in enumerate(members):
                 out[name] = Candidate(u_hat[i], s_hat[i], v_hat[i], emb)
         return out
@@ -179,8 +227,8 @@ class GeoLoRAController(RankController):
         groups: dict[tuple, list[tuple[str, Candidate]]] = defaultdict(list)
         limits = {}
         for name, a in adapters:
-            c = cand.get(name) or Candidate(a.U.detach().float(), a.S.detach().float(), a.V.detach().float(),
-                                            torch.eye(a.rank, device=a.U.device))
+            c = cand.get(name) or Candidate(*(working(f) for f in (a.U, a.S, a.V)),
+                                            torch.eye(a.rank, dtype=working(a.U).dtype, device=a.U.device))
             groups[(a.shape, c.u.shape[-1], c.u.device)].append((name, c))
             limits[name] = (self.layer_max(a), a.scaling)
         cuts = []
@@ -192,8 +240,9 @@ class GeoLoRAController(RankController):
             keep = torch.minimum(torch.maximum(tolerance_ranks(sig, self.tau), lo), hi)
             scale = torch.tensor([limits[n][1] for n, _ in members], dtype=sig.dtype, device=sig.device)
             cuts.append((members, p, sig, q, keep, lo, scale))
-        if self.budget is not None:
-            self._apply_budget(cuts)
+        budget = self.total_budget(adapters)
+        if budget is not None:
+            self._apply_budget(cuts, budget)
         out, maps = {}, {}
         for members, p, sig, q, keep, _, _ in cuts:
             u = torch.stack([c.u for _, c in members])
@@ -203,10 +252,10 @@ class GeoLoRAController(RankController):
                 k = int(keep[i])
                 out[name] = Candidate(up[i, :, :k], torch.diag(sig[i, :k]).to(u.dtype), vq[i, :, :k], c.emb)
                 emb = c.emb.to(p.dtype)
-                maps[name] = ((emb @ p[i, :, :k]).float(), (emb @ q[i, :, :k]).float())
+                maps[name] = ((emb @ p[i, :, :k]).to(u.dtype), (emb @ q[i, :, :k]).to(u.dtype))
         return out, maps
 
-    def _apply_budget(self, cuts) -> None:
+    def _apply_budget(self, cuts, budget: int) -> None:
         """Each layer keeps its r_min directions; the rest of the budget goes to the largest
         s·σ over all layers, each within its τ and r_max limits (`keep` updated in place)."""
         values, base = [], 0
@@ -216,7 +265,7 @@ class GeoLoRAController(RankController):
             values.append(torch.where(allowed, scale[:, None] * sig, torch.full_like(sig, -1.0)).flatten())
             base += int(lo.sum())
         flat = torch.cat(values)
-        extra = max(0, min(self.budget - base, int((flat >= 0).sum())))
+        extra = max(0, min(budget - base, int((flat >= 0).sum())))
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         if extra:
             chosen[flat.topk(extra).indices] = True
@@ -238,9 +287,40 @@ class GeoLoRAController(RankController):
                 "budget": self.budget, "train_bases": self.train_bases, "damping": self.damping}
 
 
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam's, AdamW's (amsgrad)
+
+
+@torch.no_grad()
+def seed_new_second_moments(optimizer, augmented) -> None:
+    """After an augmentation r → r̂ of S: the second moments of S's new entries (rows and
+    columns r:) start at the mean of the kept (r, r) block's instead of 0. With a zero second
+    moment and Adam's step count carried on, a new entry's first steps are full normalised
+    steps (up to ~6·lr late in training, whatever its gradient); seeded, it moves by its
+    gradient relative to the old entries'. `augmented`: [(adapter, old rank r)]."""
+    for adapter, r in augmented:
+        state = optimizer.state.get(adapter.S, {})
+        for key in SECOND_MOMENTS:
+            v = state.get(key)
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] > r:
+                fill = v[:r, :r].mean()
+                v[r:, :] = fill
+                v[:r, r:] = fill
+
+
+def initial_rank(adapter: Adapter) -> int:
+    """r₀, the rank the adapter was created with: its scale is fixed at α/r₀ (α/√r₀ with rslora)."""
+    ratio = adapter.alpha / adapter.scaling
+    return max(1, round(ratio * ratio if adapter.rslora else ratio))
+
+
+def working(t: Tensor) -> Tensor:
+    """`t` detached, in float32 — or float64, kept (a float64 model keeps float64 factors)."""
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+
 @dataclass
 class Candidate:
-    """A layer's factors at some rank k — U (m, k), S (k, k), V (n, k), float32 — and `emb`,
+    """A layer's factors at some rank k — U (m, k), S (k, k), V (n, k), float32 or float64 — and `emb`,
     the (old rank, k) map from the adapter's current rank coordinates to these."""
 
     u: Tensor
