@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = Classifier(AutoModel.from_pretrained(path))
     geopeft.adapt(model, "geolora", targets=TARGETS, rank=8, alpha=16, r_max=16, tau=args.tau,
-                  period=args.period, trainable=["head"])
+                  period=args.period, budget=None, trainable=["head"])  # per-layer τ and r_max only
     opt = geopeft.optimizer(model, torch.optim.AdamW, lr=args.lr, weight_decay=0.01)
     names = [n for n, _ in geopeft.adapters(model)]
     assert len(names) == 36, names

@@ -15,7 +15,15 @@ import geopeft
 from geopeft import kernels as K
 from geopeft.geometry import max_violation
 
-from helpers import TinyNet, factor_layouts, minilm_classifier, tiny_batch, tiny_regression, train, train_text
+from helpers import (
+    TinyNet,
+    factor_layouts,
+    minilm_classifier,
+    tiny_batch,
+    tiny_regression,
+    train,
+    train_text,
+)
 
 TINY_TARGETS = ["query", "value", "ffn.0", "ffn.2"]
 

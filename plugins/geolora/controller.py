@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from geopeft import Adapter, ConfigError, RankChange, RankController
-from geopeft.kernels import augment, basis_directions, core_svd, stack_fp32, tolerance_ranks
+from geopeft.kernels import (
+    assign_,
+    augment,
+    basis_directions,
+    core_svd,
+    full,
+    stack_fp32,
+    tolerance_ranks,
+)
 
 from .history import RankHistory, logger
 
@@ -64,7 +72,8 @@ class GeoLoRAController(RankController):
     are 0 and would add arbitrary directions); its first cycle trains S at the initial rank.
     A second moment of S's new entries (Adam's `exp_avg_sq`) starts at the mean of the kept
     block's, not at 0: Adam then moves a new entry in proportion to its gradient, as the old
-    ones, instead of by a full normalised step whatever its gradient (see docs).
+    ones, instead of by a full normalised step whatever its gradient (see docs;
+    `seed_moments = False` on the controller leaves them at 0, for comparison).
     After a truncation, a total rank above the budget (or, with `budget=None`, above Σ r₀)
     and a layer at full rank min(m, n) are logged once at WARNING on `geopeft.ranks`.
     """
@@ -302,9 +311,11 @@ def seed_new_second_moments(optimizer, augmented) -> None:
         for key in SECOND_MOMENTS:
             v = state.get(key)
             if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] > r:
-                fill = v[:r, :r].mean()
-                v[r:, :] = fill
-                v[:r, r:] = fill
+                whole = full(v).clone()  # a sharded (FSDP2) moment is gathered, then re-sharded
+                fill = whole[:r, :r].mean()
+                whole[r:, :] = fill
+                whole[:r, r:] = fill
+                assign_(v, whole)
 
 
 def initial_rank(adapter: Adapter) -> int:
