@@ -47,25 +47,31 @@ def ranks(model: nn.Module) -> dict[str, int]:
 
 
 class RankGrowthWatch:
-    """The failure a rank-adaptive run meets: its training loss back at its start while its
-    total rank grew. `update(loss, model)` after every step; warns once (RuntimeWarning,
+    """The failure a rank-adaptive run meets: its training loss risen back to its start while
+    its total rank grew. `update(loss, model)` after every step; warns once (RuntimeWarning,
     with the numbers) when the mean of the last `window` losses is at or above the mean of
-    the first `window` and the adapters' total rank is above its value at the start.
-    `message` holds the warning (None until then)."""
+    the first `window`, some earlier `window` mean was at least `fall` (relative) below that
+    start — a slow start that has not learned yet is no divergence — and the adapters' total
+    rank is above its value at the start. `message` holds the warning (None until then)."""
 
-    def __init__(self, model: nn.Module, window: int = 10):
-        self.window, self.start_rank = window, sum(ranks(model).values())
+    def __init__(self, model: nn.Module, window: int = 10, fall: float = 0.05):
+        self.window, self.fall, self.start_rank = window, fall, sum(ranks(model).values())
         self.losses: list[float] = []
+        self.lowest = float("inf")  # the lowest mean of `window` consecutive losses so far
         self.message: str | None = None
 
     def update(self, loss: float, model: nn.Module) -> None:
         self.losses.append(loss)
         w = self.window
+        if len(self.losses) >= w:
+            self.lowest = min(self.lowest, sum(self.losses[-w:]) / w)
         if self.message is not None or len(self.losses) < 3 * w:
             return
         first, last = sum(self.losses[:w]) / w, sum(self.losses[-w:]) / w
+        if last < first or self.lowest > first - self.fall * abs(first):
+            return
         total = sum(ranks(model).values())
-        if last >= first and total > self.start_rank:
+        if total > self.start_rank:
             self.message = (f"the training loss is back at its start ({last:.4g}, mean of the last {w} steps; "
                             f"{first:.4g} over the first {w}) after {len(self.losses)} steps while the total "
                             f"rank grew from {self.start_rank} to {total}: the rank controller is likely "

@@ -132,6 +132,12 @@ def test_rank_growth_watch_warns_once_when_the_loss_is_back_at_its_start_while_r
     from helpers import TinyNet
 
     model = geopeft.adapt(TinyNet(), "geolora", targets=["query", "value"], rank=2)
+    slow = RankGrowthWatch(model, window=2)  # a slow start: at its start loss, never lower yet
+    for loss in (1.0, 0.9, 0.95, 0.97, 0.96, 0.98):
+        slow.update(loss, model)
+        geopeft.adapters(model)[0][1].resize(3)  # ranks grew meanwhile
+    assert slow.message is None and not recwarn.list
+    geopeft.adapters(model)[0][1].resize(2)
     watch = RankGrowthWatch(model, window=2)
     for loss in (1.0, 0.9, 0.8, 0.7, 0.9, 1.0):  # back at the start, but the ranks did not grow
         watch.update(loss, model)
