@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, GeopeftError
+from .errors import ConfigError
 from .model import (
     AdapterState,
     adapted_layers,
@@ -27,11 +27,11 @@ from .model import (
     check_adapter_name,
     check_can_add,
     find_root,
-    find_state,
     installed,
     known_adapter,
     model_context,
     register,
+    require_state,
 )
 from .peft_import import fill_from_lora, thin_svd_of_product
 from .recipes import resolve
@@ -46,9 +46,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, rank: int
     the layer's min(m, n), the exact SVD of the sum), or with `rank` the sum's truncated
     SVD. `method` is the new adapter's recipe ("lora"; "stella" gets U, S, V by SVD).
     Returns {layer: fraction of ‖Σ w ΔW‖² discarded} (0 where exact). In place."""
-    state = find_state(model)
-    if state is None:
-        raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) first")
+    state = require_state(model)
     root = find_root(model)
     check_adapter_name(name)
     check_can_add(root, name)

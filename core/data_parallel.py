@@ -49,11 +49,9 @@ def resizable_factors(model: nn.Module) -> set[nn.Parameter]:
     """The factors of `model` (adapted, or a wrapper of it) that a rank change replaces:
     keep them out of a sharding wrapper, `fully_shard(m, ignored_params=resizable_factors(model))`;
     geopeft averages their gradients. Empty for methods whose ranks are fixed."""
-    from .model import adapters, find_state
+    from .model import adapters, require_state
 
-    state = find_state(model)
-    if state is None:
-        raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) first")
+    state = require_state(model)
     return {p for name, entry in state.by_name.items()  # every named adapter's, active or not
             for *_, p in resizable(adapters(model, name), entry.resolved.rank_controller)}
 

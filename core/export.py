@@ -35,8 +35,8 @@ from .model import (
     adapter_dir,
     adapters,
     find_root,
-    find_state,
     known_adapter,
+    require_state,
     trainable_params,
     trained_params,
 )
@@ -62,9 +62,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
 def _write_peft(model: nn.Module, path: str | os.PathLike, base: dict[str, Any] | None,
                 adapter_name: str | None = None) -> Path:
     """`export_peft`, with the base model's description `base` (None: read off `model`)."""
-    state = find_state(model)
-    if state is None:
-        raise GeopeftError("the model has no geopeft adapters; nothing to export")
+    state = require_state(model, "nothing to export")
     root = find_root(model)
     base = describe(root) if base is None else base
     if any(layer.merged for _, layer in adapted_layers(root)):

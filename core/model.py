@@ -384,6 +384,14 @@ def find_state(model: nn.Module) -> AdaptState | None:
     return None if root is None else root.__dict__[STATE_ATTR]
 
 
+def require_state(model: nn.Module, fix: str = "call geopeft.adapt(model, ...) first") -> AdaptState:
+    """`find_state(model)`, or a GeopeftError saying the model has no adapters and `fix`."""
+    state = find_state(model)
+    if state is None:
+        raise GeopeftError(f"the model has no geopeft adapters; {fix}")
+    return state
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into their base weights; the forward then skips the adapters."""
     for _, layer in _layers_or_error(model):

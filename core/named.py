@@ -16,14 +16,13 @@ from torch import nn
 
 from .errors import GeopeftError
 from .model import (
-    AdaptState,
     activate,
     adapted_layers,
     deactivate,
     find_root,
-    find_state,
     known_adapter,
     replace_module,
+    require_state,
     sync_layers,
 )
 from .originals import exchange, frozen_entries
@@ -33,19 +32,19 @@ log = logging.getLogger("geopeft")
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The model's adapter names, in the order they were added."""
-    return list(_state(model).by_name)
+    return list(require_state(model).by_name)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """The names of the adapters the model runs (and `geopeft.optimizer` trains)."""
-    return list(_state(model).active)
+    return list(require_state(model).active)
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     """Make adapter `names` (one name, or several whose updates add up) the active ones:
     the forward runs them, `geopeft.optimizer` trains them (their factors and `trainable=`
     modules require grad; the others' do not). The others are left untouched. In place."""
-    state = _state(model)
+    state = require_state(model)
     wanted = [names] if isinstance(names, str) else list(names)
     if not wanted:
         raise GeopeftError("set_adapter needs at least one adapter name; geopeft.disable_adapters("
@@ -72,7 +71,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     the base values again); the others are left untouched. Deleting an active adapter
     leaves the other active ones, or else the first remaining adapter, active. The last
     adapter is removed by `geopeft.unload`. In place."""
-    state = _state(model)
+    state = require_state(model)
     known_adapter(state, name)
     if len(state.by_name) == 1:
         raise GeopeftError(f"{name!r} is the model's only adapter; geopeft.unload(model, merge=False) "
@@ -105,8 +104,3 @@ def _refuse_merged(model: nn.Module, doing: str) -> None:
                            f"adapters' ΔW; call geopeft.unmerge(model) before {doing}")
 
 
-def _state(model: nn.Module) -> AdaptState:
-    state = find_state(model)
-    if state is None:
-        raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) first")
-    return state

@@ -35,7 +35,7 @@ from .data_parallel import GradientSync, resizable, wrapper_group
 from .errors import ConfigError, GeopeftError, ShapeError
 from .geometry import FactorGroup, factor_groups
 from .interfaces import Adapter, RankChange, factor_names_of
-from .model import AdaptState, adapters, find_state
+from .model import AdaptState, adapters, require_state
 from .wrapped import WrappedOptimizer
 
 #: optimizer-state entries that are first moments (tangent vectors) of their parameter
@@ -50,10 +50,7 @@ def optimizer(model: nn.Module, optimizer: type[torch.optim.Optimizer] | torch.o
     """Wrap a torch optimizer class (built here over the model's trainable parameters,
     or over `params`) or an already-built instance, for the adapted `model`.
     `max_nonfinite_steps` consecutive steps skipped for NaN/Inf gradients raise (None: never)."""
-    state = find_state(model)
-    if state is None:
-        raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) "
-                           "before geopeft.optimizer(model, ...)")
+    state = require_state(model, "call geopeft.adapt(model, ...) before geopeft.optimizer(model, ...)")
     if isinstance(optimizer, torch.optim.Optimizer):
         if kwargs or params is not None:
             raise ConfigError("optimizer is already built: pass its hyper-parameters to its "

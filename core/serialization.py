@@ -49,6 +49,7 @@ from .model import (
     installed,
     known_adapter,
     register,
+    require_state,
     trainable_params,
     trained_params,
     unload,
@@ -77,7 +78,7 @@ def save(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
     Several adapters are written in PEFT's layout: "default" in `path`, each other one in
     `path/<name>` (the default's geopeft.json lists them); `adapter_name` writes only that
     one, in its place of the layout."""
-    state = _state_or_error(model)
+    state = require_state(model, "nothing to save")
     model = find_root(model)  # names relative to the adapted model, not to a DDP wrapper
     names = list(state.by_name) if adapter_name is None else [known_adapter(state, adapter_name)]
     others = [n for n in names if n != DEFAULT] if adapter_name is None else []
@@ -288,7 +289,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Put the adapters and `trainable` modules saved in `path` back into `model`, which
     already carries adapters of the same names, layers and recipes (a training run resuming
     from a checkpoint): adapters whose saved rank differs are resized first. In place."""
-    state = _state_or_error(model)
+    state = require_state(model, "nothing to save")
     root = find_root(model)
     saved = [(name, *read_checkpoint(adapter_dir(path, name))) for name in state.by_name]
     listed = saved[0][1].get("adapters") if saved[0][0] == DEFAULT else None
@@ -473,11 +474,6 @@ def _check_finite(directory: Path, key: str, t: torch.Tensor) -> None:
                               "whose weights are finite")
 
 
-def _state_or_error(model: nn.Module) -> AdaptState:
-    state = find_state(model)
-    if state is None:
-        raise GeopeftError("the model has no geopeft adapters; nothing to save")
-    return state
 
 
 def _version() -> str:

@@ -8,8 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import GeopeftError
-from .model import adapted_layers, find_root, find_state
+from .model import adapted_layers, find_root, require_state
 from .originals import trainable_modules
 from .registry import get_registry
 
@@ -78,9 +77,7 @@ class ModelSummary:
 def summary(model: nn.Module) -> ModelSummary:
     """Trainable and total parameter counts, the method's components, and per adapted
     layer its kind, (out, in) shape, rank, scaling, factor parameters and manifolds."""
-    state = find_state(model)
-    if state is None:
-        raise GeopeftError("the model has no geopeft adapters; call geopeft.adapt(model, ...) first")
+    state = require_state(model)
     root = find_root(model)
     reg = get_registry()
     recipe = state.resolved.recipe
