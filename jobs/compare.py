@@ -86,9 +86,32 @@ def _train(cfg, run: Run, data, reuse: bool, ctx=None) -> dict[str, Any]:
 _WORKER_DATA: dict | None = None
 
 
-def _worker_init(data) -> None:
+def _worker_init(data, parent: int) -> None:
     global _WORKER_DATA
     _WORKER_DATA = data
+    exit_with_parent(parent)
+
+
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this worker (exit status 143, as SIGTERM's) once process `parent` is gone or
+    this process was reparented: a compare killed with SIGTERM or SIGKILL leaves no runs
+    training behind it. A daemon thread polls every `every` seconds."""
+    import threading
+    import time
+
+    first = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(143)
+            if os.getppid() != first:
+                os._exit(143)
+
+    threading.Thread(target=watch, name="geopeft-exit-with-parent", daemon=True).start()
 
 
 def _worker_run(cfg, run: Run, reuse: bool) -> dict[str, Any]:
@@ -126,7 +149,7 @@ def execute(cfg, data, runs: Sequence[Run], reuse: bool = False, ctx=None) -> li
     print(f"{len(runs)} runs, {jobs} at a time, {threads} thread{'s' * (threads > 1)} each")
     results: list[dict[str, Any] | None] = [None] * len(runs)
     with ProcessPoolExecutor(jobs, mp_context=_context(cfg), initializer=_worker_init,
-                             initargs=(data,)) as pool:
+                             initargs=(data, os.getpid())) as pool:
         futures = {pool.submit(_worker_run, quiet, r, reuse): i for i, r in enumerate(runs)}
         for done in as_completed(futures):
             i = futures[done]

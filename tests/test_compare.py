@@ -133,3 +133,47 @@ def test_lr_range_is_the_contiguous_run_within_a_point():
 def test_bad_seeds_and_jobs_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+KILLED_PARENT = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from geopeft.jobs.compare import exit_with_parent
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=exit_with_parent,
+                               initargs=(os.getpid(), 0.1))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 60)
+    time.sleep(60)
+"""
+
+
+def test_workers_exit_when_the_compare_process_is_killed(tmp_path):
+    """SIGTERM to `geopeft compare` (no cleanup runs) must not leave its runs training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "parent.py").write_text(KILLED_PARENT)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE,
+                              text=True)
+    worker = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(10)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} still running 10 s after its compare was killed")
