@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A saved geopeft adapter directory → a PEFT LoRA directory."""
     from .export import export_saved
 
-    out = export_saved(args.src, args.dst)
+    out = export_saved(args.src, args.dst, adapter_name=args.adapter_name)
     print(f"wrote PEFT adapter to {out}")
     return 0
 
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a saved geopeft adapter to a PEFT LoRA directory")
     export.add_argument("src", help="directory written by geopeft.save")
     export.add_argument("dst", help="PEFT directory to write")
+    export.add_argument("--adapter-name", default=None,
+                        help="convert only this adapter of a directory holding several (default: all, "
+                             "in PEFT's layout)")
     export.set_defaults(func=cmd_export)
     _add_job_parsers(sub)
     return parser

@@ -30,10 +30,12 @@ from .atomic import write_directory
 from .base_model import describe
 from .errors import CheckpointError, GeopeftError
 from .model import (
+    DEFAULT,
     AdaptState,
     adapted_layers,
     adapter_dir,
     adapters,
+    check_adapter_name,
     find_root,
     known_adapter,
     require_state,
@@ -138,35 +140,58 @@ def _peft_files(root: nn.Module, state: AdaptState, adapter_name: str,
             "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode()}
 
 
-def export_saved(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+def export_saved(src: str | os.PathLike, dst: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """A directory written by `geopeft.save` → a PEFT LoRA directory, without the base
     model: the adapters are rebuilt on weightless (meta) stand-ins of their base layers,
-    their factors materialised on the CPU from the saved values."""
-    from .layers import stub_layer
-    from .serialization import install, read_checkpoint
+    their factors materialised on the CPU from the saved values. Several adapters (PEFT's
+    layout, as `save` writes it) are all converted, into the same layout; `adapter_name`
+    converts only that one (from `src/<adapter_name>` if that holds one, else from `src`),
+    written in its place of the layout (as `export_peft(..., adapter_name=)`)."""
+    from .serialization import CONFIG, install, read_checkpoint
 
     src = Path(src)
-    config, tensors = read_checkpoint(src)
+    if adapter_name is None:
+        config, tensors = read_checkpoint(src)
+        todo = [(DEFAULT, src, config, tensors)]
+        todo += [(n, src / n, *read_checkpoint(src / n)) for n in config.get("adapters", [])]
+    else:
+        name = check_adapter_name(adapter_name)
+        directory = src / name if (src / name / CONFIG).is_file() else src
+        todo = [(name, directory, *read_checkpoint(directory))]
     stub = nn.Module()
+    base = todo[0][2].get("base_model", {})
+    for _, directory, config, tensors in todo:
+        _stand_ins(stub, directory, config, tensors, base)
+    for name, directory, config, tensors in todo:
+        install(stub, directory, config, tensors, materialize="cpu", adapter_name=name)
+    return _write_peft(stub, dst, base, adapter_name)
+
+
+def _stand_ins(stub: nn.Module, src: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+               base: dict[str, Any]) -> None:
+    """Weightless stand-ins in `stub` for the layers and `trainable` modules of the adapter
+    saved in `src` (layers another adapter already placed are kept)."""
+    from .layers import stub_layer
+
+    names = {n for n, _ in stub.named_modules()}
     for name, info in config["layers"].items():
         if "weight_shape" not in info:
             raise GeopeftError(f"{src}/geopeft.json predates weight shapes; export with "
                                "geopeft.export_peft(geopeft.load(base_model, src), dst)")
-        with _named_as(src, f"layer {name!r}"):
-            _set_module(stub, name, stub_layer(info["kind"], info["weight_shape"]))
+        if name not in names:
+            with _named_as(src, f"layer {name!r}"):
+                _set_module(stub, name, stub_layer(info["kind"], info["weight_shape"]))
     for key, t in tensors.items():  # trainable modules' parameters, shaped as saved
         if key.startswith("trainable."):
             mname, _, pname = key.removeprefix("trainable.").rpartition(".")
             with _named_as(src, f"tensor {key!r}"):
                 _get_or_make(stub, mname).register_parameter(pname, nn.Parameter(torch.empty_like(t)))
-    base = config.get("base_model", {})
     heads = PEFT_HEADS.get(base.get("task_type"), ())
-    if heads and not trainable_params(stub, list(heads)):
+    if heads and not any(k.startswith(f"trainable.{h}.") for h in heads for k in tensors):
         raise GeopeftError(f"{src} was saved from a {base['task_type']} model, whose PEFT model loads its "
                            f"head ({' or '.join(heads)}) from the adapter file, but the checkpoint holds no "
                            "head (it was not trainable=): export with "
                            f"geopeft.export_peft(geopeft.load(base_model, {str(src)!r}), dst)")
-    return _write_peft(install(stub, src, config, tensors, materialize="cpu"), dst, base)
 
 
 @contextmanager

@@ -552,10 +552,11 @@ def register(model: nn.Module, name: str, adapter_state: AdapterState) -> None:
     state = find_state(model)
     if state is None:
         setattr(model, STATE_ATTR, AdaptState(name, adapter_state))
+        model.register_forward_pre_hook(_mixed_batch_pre_hook, with_kwargs=True)  # adapter_names=
         return
     root = find_root(model)
     if len(state.by_name) == 1:
-        add_hooks(root)  # mixed batches, from the second adapter on
+        add_state_hooks(root)  # the stash, from the second adapter on
     state.by_name[name] = adapter_state
     deactivate(root, state, name)
     sync_layers(root, state)
@@ -646,14 +647,15 @@ def check_apart(model: nn.Module, name: str, targets: Sequence[str], trainable: 
                                   "adapter; choose other targets= / trainable=")
 
 
-def add_hooks(root: nn.Module) -> None:
-    """Hooks on the root of a model with several adapters: `root(..., adapter_names=[...])`
-    runs a mixed batch (PEFT's; the pre-hook takes the keyword off before the forward, the
-    post-hook clears the layers' names after it), and `state_dict` / `load_state_dict`
+def add_state_hooks(root: nn.Module) -> None:
+    """Hooks on the root of a model with several adapters: `state_dict` / `load_state_dict`
     carry the inactive adapters' stashed `trainable` parameters (keys
-    `geopeft_stashed.<adapter>.<parameter>`) and the active names (metadata)."""
-    root.register_forward_pre_hook(_mixed_batch_pre_hook, with_kwargs=True)
-    root.register_forward_hook(_mixed_batch_post_hook, always_call=True)
+    `geopeft_stashed.<adapter>.<parameter>`) and the active names (metadata).
+
+    Every adapted root also has a forward pre-hook (with kwargs, added with its first
+    adapter): `root(..., adapter_names=[...])` runs a mixed batch (PEFT's; the pre-hook
+    takes the keyword off before the forward; a post-hook, added by the first mixed batch,
+    clears the layers' names after it). A call without the keyword costs one dict lookup."""
     root.register_state_dict_post_hook(_stashed_state_dict_hook)
     root.register_load_state_dict_pre_hook(_stashed_load_hook)
 
@@ -740,6 +742,8 @@ def _mixed_batch_pre_hook(root: nn.Module, args: tuple, kwargs: dict) -> tuple[t
     for layer in layers:
         layer.batch_names = list(names)
     root.__dict__["_geopeft_mixed"] = layers
+    if not any(getattr(h, "__name__", "") == "_mixed_batch_post_hook" for h in root._forward_hooks.values()):
+        root.register_forward_hook(_mixed_batch_post_hook, always_call=True)  # seen by this call too
     return args, kwargs
 
 

@@ -15,6 +15,10 @@
      to the retracted or projected ones;
   6. `_update_ranks`: the rank controller (ranks change through `resize`, state follows);
      its `before_step` hook runs before stage 1, on the raw gradients (`_before_step`).
+With several active adapters (`geopeft.set_adapter(model, ["a", "b"])`) each is one
+`Part`: its own recipe's transforms, geometry and rank controller act on its own factors
+only (stages 1, 2, 4, 5 and 6 run per part, each on its part's factor groups; stage 3 is one
+step of the one inner optimizer). One part is the single-adapter step, op for op.
 The torch-Optimizer face (param_groups, state, hooks) is `wrapped.WrappedOptimizer`.
 """
 
@@ -35,7 +39,8 @@ from .data_parallel import GradientSync, resizable, wrapper_group
 from .errors import ConfigError, GeopeftError, ShapeError
 from .geometry import FactorGroup, factor_groups
 from .interfaces import Adapter, RankChange, factor_names_of
-from .model import AdaptState, adapters, require_state
+from .model import adapters, require_state
+from .recipes import Resolved
 from .wrapped import WrappedOptimizer
 
 #: optimizer-state entries that are first moments (tangent vectors) of their parameter
@@ -67,29 +72,83 @@ def optimizer(model: nn.Module, optimizer: type[torch.optim.Optimizer] | torch.o
     else:
         raise ConfigError("geopeft.optimizer takes a torch.optim.Optimizer subclass (e.g. "
                           f"torch.optim.AdamW) or instance, got {optimizer!r}")
-    named = adapters(model)
-    group = wrapper_group(model, resizable(named, state.resolved.rank_controller))
-    return GeometricOptimizer(inner, named, state, max_nonfinite_steps=max_nonfinite_steps,
+    parts = [Part(name, adapters(model, name), state.by_name[name].resolved) for name in state.active]
+    group = wrapper_group(model, [f for part in parts for f in part.resizable()])
+    return GeometricOptimizer(inner, parts, max_nonfinite_steps=max_nonfinite_steps,
                               sync=GradientSync(group))
+
+
+class Part:
+    """One active adapter's recipe over its own factors: the transforms (and their state,
+    per layer), geometry settings and rank controller that the step applies to them, and
+    the factor groups planned from them alone (`plan`)."""
+
+    def __init__(self, name: str, named_adapters: Sequence[tuple[str, Adapter]], resolved: Resolved):
+        self.name = name
+        self.named_adapters = list(named_adapters)
+        self.recipe = resolved.recipe
+        self.transforms = list(resolved.transforms)
+        self.rank_controller = resolved.rank_controller
+        self.transform_states: dict[str, list[dict[str, Tensor]]] = {
+            n: [t.init_state(a) for t in self.transforms] for n, a in self.named_adapters}
+
+    def plan(self) -> None:
+        """The part's retract / project groups and same-shape transform groups."""
+        groups = [g for g in factor_groups([a for _, a in self.named_adapters]) if not g.manifold.is_euclidean]
+        self.retract_groups = [g for g in groups if g.manifold.post_step == "retract"]
+        self.project_groups = [g for g in groups if g.manifold.post_step == "project"]
+        by_shape: dict[tuple, list[tuple[str, Adapter]]] = defaultdict(list)
+        for name, a in self.named_adapters:
+            key = (type(a), tuple(tuple(p.shape) for p in a.factors().values()))
+            by_shape[key].append((name, a))
+        self.transform_groups = list(by_shape.values())
+
+    def resizable(self) -> list[tuple[str, str, nn.Parameter]]:
+        return resizable(self.named_adapters, self.rank_controller)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": {name: a.rank for name, a in self.named_adapters},
+                "transforms": {n: [{k: v.clone() for k, v in s.items()} for s in states]
+                               for n, states in self.transform_states.items()},
+                "rank_controller": self.rank_controller.state_dict()}
+
+
+class PartView:
+    """What a part's rank controller sees as the optimizer when several parts train: the
+    optimizer, with `resize` / `resize_many` resolving layer names among the part's
+    adapters (a layer may carry an adapter of each part)."""
+
+    def __init__(self, optimizer: GeometricOptimizer, part: Part):
+        self._optimizer, self._part = optimizer, part
+
+    def resize(self, name: str, new_rank: int, keep: Tensor | None = None, **kw: Any) -> None:
+        self._optimizer.resize(name, new_rank, keep, adapter=self._part.name, **kw)
+
+    def resize_many(self, changes: Sequence[RankChange]) -> None:
+        self._optimizer.resize_many(changes, adapter=self._part.name)
+
+    @property
+    def named_adapters(self) -> list[tuple[str, Adapter]]:
+        return self._part.named_adapters
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
 
 
 class GeometricOptimizer(WrappedOptimizer):
     """A torch optimizer that runs the geopeft step (module docstring) around `self.optimizer`."""
 
-    def __init__(self, inner: torch.optim.Optimizer, named_adapters: list[tuple[str, Adapter]],
-                 adapt_state: AdaptState, *, max_nonfinite_steps: int | None = 100,
-                 sync: GradientSync | None = None):
+    def __init__(self, inner: torch.optim.Optimizer, parts: Sequence[Part], *,
+                 max_nonfinite_steps: int | None = 100, sync: GradientSync | None = None):
         if max_nonfinite_steps is not None and (isinstance(max_nonfinite_steps, bool) or not isinstance(
                 max_nonfinite_steps, int) or max_nonfinite_steps < 1):
             raise ConfigError(f"max_nonfinite_steps must be a positive int or None, got "
                               f"{max_nonfinite_steps!r}")
         super().__init__(inner)
         self.max_nonfinite_steps = max_nonfinite_steps
-        self.named_adapters = list(named_adapters)
-        resolved = adapt_state.resolved
-        self.recipe = resolved.recipe
-        self.transforms = list(resolved.transforms)
-        self.rank_controller = resolved.rank_controller
+        self.parts = list(parts)
+        if not self.parts or len({p.name for p in self.parts}) != len(self.parts):
+            raise ConfigError(f"GeometricOptimizer needs one Part per adapter, got {[p.name for p in self.parts]}")
         self.step_count = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0  # skipped steps since the last step taken
@@ -97,18 +156,52 @@ class GeometricOptimizer(WrappedOptimizer):
         self._check_factors_are_optimized()
         self._check_eps_representable()
         self._no_weight_decay_on_manifolds()
-        for transform in self.transforms:
-            transform.check_optimizer(inner, [a for _, a in self.named_adapters])
-        self.rank_controller.check_optimizer(inner, self.named_adapters)
-        self.transform_states: dict[str, list[dict[str, Tensor]]] = {
-            name: [t.init_state(a) for t in self.transforms] for name, a in self.named_adapters}
+        for part in self.parts:
+            for transform in part.transforms:
+                transform.check_optimizer(inner, [a for _, a in part.named_adapters])
+            part.rank_controller.check_optimizer(inner, part.named_adapters)
         # data parallel: the gradients of factors a rank change replaces (`data_parallel`)
         self._sync = sync if sync is not None else GradientSync()
         self._plan()
 
     def __repr__(self) -> str:
-        return (f"GeometricOptimizer(method={self.recipe.name!r}, adapters={len(self.named_adapters)}, "
-                f"inner={self.optimizer!r})")
+        if len(self.parts) == 1:
+            return (f"GeometricOptimizer(method={self.recipe.name!r}, adapters={len(self.named_adapters)}, "
+                    f"inner={self.optimizer!r})")
+        methods = {p.name: p.recipe.name for p in self.parts}
+        return f"GeometricOptimizer(adapters={methods}, inner={self.optimizer!r})"
+
+    # ------------------------------------------------------------------ the parts
+    @property
+    def named_adapters(self) -> list[tuple[str, Adapter]]:
+        """[(layer, adapter)] of every part (a layer appears once per part adapting it)."""
+        if len(self.parts) == 1:
+            return self.parts[0].named_adapters
+        return [na for part in self.parts for na in part.named_adapters]
+
+    def part(self, adapter: str | None = None) -> Part:
+        """The part of adapter `adapter`; without a name, the only one (GeopeftError when
+        several adapters train together)."""
+        if adapter is None:
+            if len(self.parts) == 1:
+                return self.parts[0]
+            raise GeopeftError(f"adapters {', '.join(repr(p.name) for p in self.parts)} train together, "
+                               "each with its own recipe: name one, optimizer.part('<adapter>')")
+        for part in self.parts:
+            if part.name == adapter:
+                return part
+        raise GeopeftError(f"this optimizer trains adapters {', '.join(repr(p.name) for p in self.parts)}, "
+                           f"not {adapter!r}")
+
+    recipe = property(lambda self: self.part().recipe)
+    transforms = property(lambda self: self.part().transforms)
+    rank_controller = property(lambda self: self.part().rank_controller)
+    transform_states = property(lambda self: self.part().transform_states)
+
+    def _controller_view(self, part: Part) -> GeometricOptimizer | PartView:
+        """The optimizer a part's rank controller is handed: this one, or with several
+        parts a view resolving its layer names among the part's adapters."""
+        return self if len(self.parts) == 1 else PartView(self, part)
 
     # ------------------------------------------------------------------ planning
     def _params_changed(self) -> None:
@@ -121,21 +214,14 @@ class GeometricOptimizer(WrappedOptimizer):
             for p in g["params"]:  # FSDP2 shards (DTensors) apart from whole tensors it ignored
                 by_kind[p.device, p.dtype, isinstance(p, DTensor)].append(p)
         self._params_by_kind = list(by_kind.values())  # one fused finite check per kind
-        adapters_ = [a for _, a in self.named_adapters]
-        groups = [g for g in factor_groups(adapters_) if not g.manifold.is_euclidean]
-        self._retract_groups = [g for g in groups if g.manifold.post_step == "retract"]
-        self._project_groups = [g for g in groups if g.manifold.post_step == "project"]
-        by_shape: dict[tuple, list[tuple[str, Adapter]]] = defaultdict(list)
-        for name, a in self.named_adapters:
-            key = (type(a), tuple(tuple(p.shape) for p in a.factors().values()))
-            by_shape[key].append((name, a))
-        self._transform_groups = list(by_shape.values())
+        for part in self.parts:  # each part's groups from its own factors: never stacked across parts
+            part.plan()
         # factors whose transform takes its own step, by param group: stage 3 applies them
-        own = {id(p) for _, a in self.named_adapters for p in a.factors().values()} \
-            if any(t.takes_own_step for t in self.transforms) else set()
+        own = {id(p) for part in self.parts if any(t.takes_own_step for t in part.transforms)
+               for _, a in part.named_adapters for p in a.factors().values()}
         self._own_step = [(g, [p for p in g["params"] if id(p) in own]) for g in self.param_groups]
         self._own_step = [(g, ps) for g, ps in self._own_step if ps]
-        self._sync.attach(resizable(self.named_adapters, self.rank_controller))
+        self._sync.attach([f for part in self.parts for f in part.resizable()])
 
     def _check_factors_are_optimized(self) -> None:
         owned = {id(p) for g in self.param_groups for p in g["params"]}
@@ -200,18 +286,20 @@ class GeometricOptimizer(WrappedOptimizer):
         self._apply_transforms()
         # stages 2, 4 and 5 share the stacked old points; a group none of whose factors has a
         # gradient (a rank controller moves them itself) does not move and is skipped
-        olds = [(g, g.stacked()) for g in self._retract_groups
-                if any(p.grad is not None for ps in g.params for p in ps)]
-        self._riemannian_grad(olds)
-        projecting = self._projecting()
-        before = [(g, g.stacked()) for g in projecting]  # to put back if stages 4-5 fail
+        olds = [[(g, g.stacked()) for g in part.retract_groups
+                 if any(p.grad is not None for ps in g.params for p in ps)] for part in self.parts]
+        for part, part_olds in zip(self.parts, olds):
+            self._riemannian_grad(part, part_olds)
+        projecting = [self._projecting(part) for part in self.parts]
+        before = [(g, g.stacked()) for groups in projecting for g in groups]  # to put back if 4-5 fail
         self._base_step()
         try:  # stages 4 and 5 compute every value first; only then is anything written
             writes = Writes()
-            moved = self._retract(olds, writes) + self._project(projecting, writes)
-            self._transport(moved, writes)
+            for part, part_olds, groups in zip(self.parts, olds, projecting):
+                moved = self._retract(part_olds, writes) + self._project(groups, writes)
+                self._transport(part, moved, writes)
         except Exception as exc:
-            self._put_back(olds + before, exc)
+            self._put_back([o for part_olds in olds for o in part_olds] + before, exc)
             raise
         writes.apply()
         self._update_ranks()
@@ -249,38 +337,43 @@ class GeometricOptimizer(WrappedOptimizer):
         return True
 
     def _before_step(self) -> None:
-        """Before stage 1: the rank controller's look at the raw gradients (`before_step`)."""
-        if not self.rank_controller.static:
-            self.rank_controller.before_step(self.step_count, self.named_adapters, self)
+        """Before stage 1: each rank controller's look at the raw gradients (`before_step`)."""
+        for part in self.parts:
+            if not part.rank_controller.static:
+                part.rank_controller.before_step(self.step_count, part.named_adapters,
+                                                 self._controller_view(part))
 
     def _apply_transforms(self) -> None:
-        """Stage 1: each transform, in recipe order, on same-shape adapters at once."""
-        if not self.transforms:
-            return
+        """Stage 1: each part's transforms, in recipe order, on same-shape adapters at once."""
         pending: list[tuple[Tensor, Tensor]] = []
-        for members in self._transform_groups:
+        for part in self.parts:
+            if part.transforms:
+                self._transform_part(part, pending)
+        for grad, new in pending:  # every transform ran before any gradient changes
+            assign_(grad, new)
+
+    def _transform_part(self, part: Part, pending: list[tuple[Tensor, Tensor]]) -> None:
+        for members in part.transform_groups:
             live = [(n, a) for n, a in members if all(p.grad is not None for p in a.factors().values())]
             if not live:
                 continue
             # transforms see whole gradients (sharded ones gathered) and read factors
             # through geopeft.kernels.full; each rank keeps its shard of the result
             grads = [{f: full(p.grad) for f, p in a.factors().items()} for _, a in live]
-            for i, transform in enumerate(self.transforms):
-                states = [self.transform_states[n][i] for n, _ in live]
+            for i, transform in enumerate(part.transforms):
+                states = [part.transform_states[n][i] for n, _ in live]
                 grads = transform.transform_group([a for _, a in live], grads, states)
             for (name, a), new in zip(live, grads):
                 for f, p in a.factors().items():
                     if new[f] is not p.grad:
-                        _check_shape(new[f], p.grad, f"gradient transforms ({', '.join(self.recipe.transforms)})",
+                        _check_shape(new[f], p.grad, f"gradient transforms ({', '.join(part.recipe.transforms)})",
                                      f"the gradient of factor {f!r} on {name!r}")
                         pending.append((p.grad, new[f]))
-        for grad, new in pending:  # every transform ran before any gradient changes
-            assign_(grad, new)
 
-    def _riemannian_grad(self, olds: list[tuple[FactorGroup, Points]]) -> None:
+    def _riemannian_grad(self, part: Part, olds: list[tuple[FactorGroup, Points]]) -> None:
         """Stage 2: gradients ← egrad_to_rgrad at the stacked old points, per retract group
-        (members whose gradients are all present; for a coupled manifold, tuples)."""
-        if not self.recipe.riemannian_grad:
+        of `part` (members whose gradients are all present; for a coupled manifold, tuples)."""
+        if not part.recipe.riemannian_grad:
             return
         writes = Writes()
         for group, old in olds:
@@ -324,11 +417,11 @@ class GeometricOptimizer(WrappedOptimizer):
             moved.append((group, old, new))
         return moved
 
-    def _projecting(self) -> list[FactorGroup]:
-        """The project groups that stage 4b projects after this step (every `project_every`-th)."""
-        if not self._project_groups or (self.step_count + 1) % self.recipe.project_every:
+    def _projecting(self, part: Part) -> list[FactorGroup]:
+        """`part`'s project groups that stage 4b projects after this step (every `project_every`-th)."""
+        if not part.project_groups or (self.step_count + 1) % part.recipe.project_every:
             return []
-        return self._project_groups
+        return part.project_groups
 
     def _project(self, groups: list[FactorGroup], writes: Writes) -> list[tuple[FactorGroup, Points, Points]]:
         """Stage 4b: project `groups` onto their manifolds."""
@@ -350,10 +443,10 @@ class GeometricOptimizer(WrappedOptimizer):
                          "manifolds were put back to their values before the step (the base "
                          "optimizer's own update of the other parameters and its state stand)")
 
-    def _transport(self, moved: list[tuple[FactorGroup, Points, Points]], writes: Writes) -> None:
-        """Stage 5 (`moments="transport"`): first moments follow their factors,
-        manifold.transport(old, new, moments) batched per group, tuples if coupled."""
-        if self.recipe.moments != "transport":
+    def _transport(self, part: Part, moved: list[tuple[FactorGroup, Points, Points]], writes: Writes) -> None:
+        """Stage 5 (`part`'s recipe has `moments="transport"`): first moments follow their
+        factors, manifold.transport(old, new, moments) batched per group, tuples if coupled."""
+        if part.recipe.moments != "transport":
             return
         for group, old, new in moved:
             for key in FIRST_MOMENTS:
@@ -370,28 +463,33 @@ class GeometricOptimizer(WrappedOptimizer):
                 writes.add(group, "transport", moments, out)
 
     def _update_ranks(self) -> None:
-        """Stage 6: the rank controller (not called when it is `static`)."""
-        if self.rank_controller.static:
-            return
-        if self.rank_controller.step(self.step_count, self.named_adapters, self):
+        """Stage 6: each part's rank controller (not called when it is `static`)."""
+        changed = False
+        for part in self.parts:
+            if not part.rank_controller.static:
+                changed |= bool(part.rank_controller.step(self.step_count, part.named_adapters,
+                                                          self._controller_view(part)))
+        if changed:
             self._plan()
 
     # ------------------------------------------------------------------ ranks
     def resize(self, name: str, new_rank: int, keep: Tensor | None = None, *,
                basis: Mapping[str, Sequence[Tensor]] | None = None,
-               values: Mapping[str, Tensor] | None = None) -> None:
-        """Change the rank of the adapter on `name` (see `Adapter.resize`); param groups
+               values: Mapping[str, Tensor] | None = None, adapter: str | None = None) -> None:
+        """Change the rank of the adapter on `name` (of adapter `adapter`, where several
+        train together: see `resize_many`; and `Adapter.resize`); param groups
         and state follow. Kept indices `keep`: state entries the factor's shape are cut
         and zero-padded alike. A change of `basis`: first moments (`exp_avg`,
         `momentum_buffer`) are mapped by it as the factor is, the other factor-shaped
         entries (second moments) by its elementwise square — non-negative, exact for a
         selection, and for a rotation the second moment of coordinates taken as independent."""
-        self.resize_many([RankChange(name, new_rank, keep, basis, values)])
+        self.resize_many([RankChange(name, new_rank, keep, basis, values)], adapter=adapter)
 
-    def resize_many(self, changes: Sequence[RankChange]) -> None:
+    def resize_many(self, changes: Sequence[RankChange], adapter: str | None = None) -> None:
         """Several `resize`s at once: one pass over the param groups, one re-plan, the
-        state of same-shape factors moved in stacked calls."""
-        named = dict(self.named_adapters)
+        state of same-shape factors moved in stacked calls. Layer names are those of
+        adapter `adapter`'s part (needed where several adapters train and a name is in two)."""
+        named = self._named_for(changes, adapter)
         unknown = [c.name for c in changes if c.name not in named]
         if unknown:
             raise GeopeftError(f"no adapter on {', '.join(unknown[:5])}; adapters: "
@@ -430,44 +528,78 @@ class GeometricOptimizer(WrappedOptimizer):
             group["params"] = [swap.get(id(p), p) for p in group["params"]]
         self._plan()
 
-    def ranks(self) -> dict[str, int]:
-        return {name: a.rank for name, a in self.named_adapters}
+    def _named_for(self, changes: Sequence[RankChange], adapter: str | None) -> dict[str, Adapter]:
+        """{layer: adapter} in which `changes` name their layers."""
+        if adapter is not None or len(self.parts) == 1:
+            return dict(self.part(adapter).named_adapters)
+        owners = defaultdict(list)
+        for part in self.parts:
+            for name, a in part.named_adapters:
+                owners[name].append((part.name, a))
+        shared = [c.name for c in changes if len(owners.get(c.name, ())) > 1]
+        if shared:
+            raise GeopeftError(f"layer {shared[0]!r} has an adapter of each of "
+                               f"{', '.join(repr(n) for n, _ in owners[shared[0]])}, which train together: "
+                               "say whose, resize_many(changes, adapter='<name>')")
+        return {name: found[0][1] for name, found in owners.items()}
+
+    def ranks(self) -> dict[str, int] | dict[str, dict[str, int]]:
+        """{layer: rank}; with several adapters training together {adapter: {layer: rank}}."""
+        if len(self.parts) == 1:
+            return {name: a.rank for name, a in self.named_adapters}
+        return {part.name: {name: a.rank for name, a in part.named_adapters} for part in self.parts}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's, plus under "geopeft" the step counts and, for one adapter,
+        its ranks, transform states and rank controller's state (with several adapters
+        training together, those per adapter under "adapters")."""
         sd = self.optimizer.state_dict()
-        sd["geopeft"] = {
-            "step": self.step_count,
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self.consecutive_skips,
-            "ranks": self.ranks(),
-            "transforms": {n: [{k: v.clone() for k, v in s.items()} for s in states]
-                           for n, states in self.transform_states.items()},
-            "rank_controller": self.rank_controller.state_dict(),
-        }
+        counts = {"step": self.step_count, "skipped_steps": self.skipped_steps,
+                  "consecutive_skips": self.consecutive_skips}
+        if len(self.parts) == 1:
+            sd["geopeft"] = {**counts, **self.parts[0].state_dict()}
+        else:
+            sd["geopeft"] = {**counts, "adapters": {p.name: p.state_dict() for p in self.parts}}
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         sd = dict(state_dict)
         extra = sd.pop("geopeft", None)
-        if extra is not None:
-            names = dict(self.named_adapters)
-            unknown = sorted(set(extra["ranks"]) - set(names))
+        saved = self._saved_parts(extra) if extra is not None else []
+        for part, own in saved:
+            names = dict(part.named_adapters)
+            unknown = sorted(set(own["ranks"]) - set(names))
             if unknown:
                 raise GeopeftError(f"optimizer state is for adapters this model does not have: "
                                    f"{', '.join(unknown[:5])}; load it into the model it was saved from")
-            for name, rank in extra["ranks"].items():
+            for name, rank in own["ranks"].items():
                 if names[name].rank != rank:
-                    self.resize(name, rank)
+                    self.resize_many([RankChange(name, rank)], adapter=part.name)
         self.optimizer.load_state_dict(sd)
         if extra is not None:
             self.step_count = int(extra["step"])
             self.skipped_steps = int(extra["skipped_steps"])
             self.consecutive_skips = int(extra.get("consecutive_skips", 0))
-            for name, states in extra["transforms"].items():
-                self.transform_states[name] = [{k: v.clone() for k, v in s.items()} for s in states]
-            self.rank_controller.load_state_dict(extra["rank_controller"])
+            for part, own in saved:
+                for name, states in own["transforms"].items():
+                    part.transform_states[name] = [{k: v.clone() for k, v in s.items()} for s in states]
+                part.rank_controller.load_state_dict(own["rank_controller"])
         self._plan()
+
+    def _saved_parts(self, extra: Mapping[str, Any]) -> list[tuple[Part, Mapping[str, Any]]]:
+        """[(part, its saved ranks / transforms / rank controller)], checking that the state
+        was saved by an optimizer training the same adapters."""
+        by_adapter = extra.get("adapters")
+        if by_adapter is None and len(self.parts) == 1:
+            return [(self.parts[0], extra)]
+        mine = [p.name for p in self.parts]
+        if by_adapter is None or set(by_adapter) != set(mine):
+            theirs = "one adapter" if by_adapter is None else f"adapters {', '.join(map(repr, by_adapter))}"
+            raise GeopeftError(f"optimizer state was saved training {theirs}, this optimizer trains "
+                               f"{', '.join(map(repr, mine))}: geopeft.set_adapter(model, ...) as when it "
+                               "was saved, then build the optimizer and load the state")
+        return [(p, by_adapter[p.name]) for p in self.parts]
 
 
 class Writes:

@@ -40,6 +40,9 @@ def check_config(config: dict[str, Any], file: Path) -> None:
     c.optional(config, "adapters", "a list of distinct adapter names (their subfolders)",
                lambda v: isinstance(v, list) and len(set(v)) == len(v)
                and all(is_adapter_name(x) and x != "default" for x in v))
+    listed = ["default", *config.get("adapters", [])]
+    c.optional(config, "active", f"a non-empty list of distinct names among the adapters ({', '.join(listed)})",
+               lambda v: isinstance(v, list) and bool(v) and len(set(v)) == len(v) and all(x in listed for x in v))
     _check_recipe(c, c.field(config, "recipe", "an object", _is_dict))
     layers = c.field(config, "layers", "an object {layer name: layer entry}, not empty",
                      lambda v: isinstance(v, dict) and bool(v))

@@ -54,7 +54,7 @@ from .model import (
     trained_params,
     unload,
 )
-from .named import delete_adapter
+from .named import delete_adapter, set_adapter
 from .originals import snapshot
 from .recipes import from_json
 from .save_guard import guard_save_pretrained
@@ -123,6 +123,7 @@ def _serialize(model: nn.Module, state: AdaptState, name: str, others: list[str]
     }
     if others:
         config["adapters"] = others
+        config["active"] = list(state.active)  # `load` makes them the active ones again
     text = json.dumps(config, indent=2, sort_keys=False, allow_nan=False) + "\n"
     weights = save_safetensors(tensors, metadata={"format": FORMAT})
     return {WEIGHTS: weights, CONFIG: text.encode()}
@@ -148,9 +149,10 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
     (`set_adapter` keeps them so), and the model is put in eval mode.
 
     Without `adapter_name`: the adapter in `path` as "default", and the others its
-    geopeft.json lists from their subfolders (the layout `save` writes). With it: that
-    adapter, from `path/<adapter_name>` if that holds one, else from `path`. Into a model
-    that has adapters already, the loaded ones are added inactive (`geopeft.set_adapter`)."""
+    geopeft.json lists from their subfolders (the layout `save` writes), the ones it lists
+    as active (`"active"`) active. With it: that adapter, from `path/<adapter_name>` if
+    that holds one, else from `path`. Into a model that has adapters already, the loaded
+    ones are added inactive (`geopeft.set_adapter`)."""
     directory = Path(path)
     name = DEFAULT if adapter_name is None else check_adapter_name(adapter_name)
     if adapter_name is not None and (directory / name / CONFIG).is_file():
@@ -177,6 +179,8 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
                 for n in done:
                     delete_adapter(model, n)
         raise
+    if fresh and "active" in config and adapter_name is None:
+        set_adapter(model, config["active"])
     if not trainable:
         _freeze(model, done)
     return model
@@ -288,7 +292,8 @@ def install(model: nn.Module, directory: Path, config: dict[str, Any],
 def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Put the adapters and `trainable` modules saved in `path` back into `model`, which
     already carries adapters of the same names, layers and recipes (a training run resuming
-    from a checkpoint): adapters whose saved rank differs are resized first. In place."""
+    from a checkpoint): the adapters saved as active are made the active ones, adapters
+    whose saved rank differs are resized first. In place."""
     state = require_state(model, "nothing to save")
     root = find_root(model)
     saved = [(name, *read_checkpoint(adapter_dir(path, name))) for name in state.by_name]
@@ -296,6 +301,8 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if listed is not None and set(listed) != set(state.by_name) - {DEFAULT}:
         raise CheckpointError(f"{path} holds adapters {', '.join([DEFAULT, *listed])}, this model "
                               f"{', '.join(state.by_name)}; restore into the model it was trained as")
+    if listed is not None and "active" in saved[0][1]:
+        set_adapter(root, saved[0][1]["active"])
     for name, config, tensors in saved:
         _restore_one(root, state, name, adapter_dir(path, name), config, tensors)
     return model

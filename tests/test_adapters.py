@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import geopeft
+from geopeft.export import export_saved
 from geopeft.geometry import max_violation
+from geopeft.model import adapted_layers, find_state
+from geopeft.optim import GeometricOptimizer, Part
 from geopeft.serialization import restore
 
 from helpers import TinyNet, tiny_batch, tiny_regression, train
@@ -91,10 +94,12 @@ def test_save_load_resume_and_export_in_peft_layout(base, trained, tmp_path):
     ids = tiny_batch(5)
     geopeft.save(both, tmp_path / "all")
     assert (tmp_path / "all" / "geopeft.json").is_file() and (tmp_path / "all" / "b" / "geopeft.json").is_file()
-    twin = geopeft.load(copy.deepcopy(base), tmp_path / "all")  # both adapters, "default" active
-    assert geopeft.adapter_names(twin) == ["default", "b"] and torch.equal(twin(ids), a(ids))
-    geopeft.set_adapter(twin, "b")
+    twin = geopeft.load(copy.deepcopy(base), tmp_path / "all")  # both adapters, "b" active as saved
+    assert geopeft.adapter_names(twin) == ["default", "b"] and geopeft.active_adapters(twin) == ["b"]
     assert torch.equal(twin(ids), b(ids))
+    geopeft.set_adapter(twin, "default")
+    assert torch.equal(twin(ids), a(ids))
+    geopeft.set_adapter(twin, "b")
     frozen = geopeft.load(copy.deepcopy(base), tmp_path / "all", trainable=False)  # inference only
     geopeft.set_adapter(frozen, "b")
     assert torch.equal(frozen(ids), b(ids)) and not any(p.requires_grad for p in frozen.parameters())
@@ -116,15 +121,22 @@ def test_save_load_resume_and_export_in_peft_layout(base, trained, tmp_path):
     restore(only_a, tmp_path / "again")
     assert torch.equal(only_a(ids), both(ids))
     # PEFT reads the exported layout: "default" at the top, "b" in its subfolder
+    # (written from the model, and converted from its saved directory without the base)
     geopeft.set_adapter(both, "default")
     geopeft.export_peft(both, tmp_path / "peft")
+    export_saved(tmp_path / "again", tmp_path / "peft2")
+    export_saved(tmp_path / "again", tmp_path / "peft3", adapter_name="b")  # only b, in dir/b
+    assert not (tmp_path / "peft3" / "adapter_config.json").exists()
     with torch.no_grad():
         expected = {n: (geopeft.set_adapter(both, n), both(ids))[1] for n in ("default", "b")}
-        model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-        model.load_adapter(tmp_path / "peft" / "b", adapter_name="b")
-        for name in ("default", "b"):
-            model.set_adapter(name)
-            assert torch.allclose(model(ids), expected[name], atol=1e-5)
+        for out in ("peft", "peft2"):
+            model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / out)
+            model.load_adapter(tmp_path / out / "b", adapter_name="b")
+            for name in ("default", "b"):
+                model.set_adapter(name)
+                assert torch.allclose(model(ids), expected[name], atol=1e-5)
+        model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft3" / "b")
+        assert torch.allclose(model(ids), expected["b"], atol=1e-5)
 
 
 def test_mixed_batch_runs_each_example_through_its_adapter(base):
@@ -153,6 +165,22 @@ def test_mixed_batch_runs_each_example_through_its_adapter(base):
         model(ids, adapter_names=["c"] * 5)
 
 
+def test_mixed_batch_on_a_model_with_one_adapter(base):
+    model = geopeft.adapt(copy.deepcopy(base), "stella", targets=A_TARGETS, rank=2, hidden_size=16)
+    assert not model._forward_hooks  # no post-hook until a mixed batch runs
+    ids = tiny_batch(5, n=3)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["__base__", "default", "__base__"])
+        adapted = model(ids)
+        with geopeft.disable_adapters(model):
+            plain = model(ids)
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    assert torch.allclose(mixed, torch.stack([plain[0], adapted[1], plain[2]]), atol=1e-6)
+    with pytest.raises(geopeft.ConfigError, match="'b'.*adapters: default"):
+        model(ids, adapter_names=["b"] * 3)
+    assert torch.equal(model(ids), adapted)  # nothing left behind
+
+
 def test_refusals_name_the_problem(base):
     model = add(copy.deepcopy(base), "default")
     with pytest.raises(geopeft.GeopeftError, match="already has geopeft adapters"):
@@ -168,8 +196,8 @@ def test_refusals_name_the_problem(base):
     with pytest.raises(geopeft.GeopeftError, match="no adapter named 'c'"):
         geopeft.set_adapter(model, "c")
     geopeft.set_adapter(model, ["default", "b"])
-    with pytest.raises(geopeft.GeopeftError, match="active together"):
-        geopeft.optimizer(model, torch.optim.AdamW)
+    with pytest.raises(geopeft.GeopeftError, match="optimizer.part"):
+        _ = geopeft.optimizer(model, torch.optim.AdamW).rank_controller  # whose? each has its own
     geopeft.delete_adapter(model, "b")
     with pytest.raises(geopeft.GeopeftError, match="only adapter"):
         geopeft.delete_adapter(model, "default")
@@ -203,3 +231,68 @@ def test_combine_is_exact_by_concatenation_or_reports_what_its_svd_discards(base
         geopeft.combine(model, {"d": 1.0}, name="x")
     with pytest.raises(geopeft.GeopeftError, match="already has geopeft adapters, one of them named 'ab'"):
         geopeft.combine(model, {"default": 1.0}, name="ab")
+
+
+def three(base):
+    """`base` with three active adapters: "default" StelLA (Stiefel U, V), "b" GeoLoRA on
+    layers "default" adapts too (ranks move: period 2, within the total initial rank), "c"
+    BaLoRA (balanced B, A) training the classifier in full."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(3)
+    geopeft.adapt(model, "stella", targets=A_TARGETS, rank=2, hidden_size=16)
+    geopeft.adapt(model, "geolora", targets=["query", "ffn.0"], rank=3, r_max=6, period=2, adapter_name="b")
+    geopeft.adapt(model, "balora", targets=["value"], rank=2, trainable=["classifier"], adapter_name="c")
+    return geopeft.set_adapter(model, ["default", "b", "c"])
+
+
+def test_active_adapters_train_together_each_by_its_own_recipe(base, tmp_path):
+    """One optimizer over three active adapters steps each exactly as an optimizer built for
+    that adapter alone (its transforms, geometry and rank controller, on its factors only)
+    stepping the same model on the same gradients; each keeps its invariant; save / load /
+    resume with the three active."""
+    model, twin = three(base), three(base)
+    ids = tiny_batch(5)
+    with torch.no_grad():  # the forward adds each active adapter's update
+        merged = copy.deepcopy(base)
+        for lname, layer in adapted_layers(model):
+            merged.get_submodule(lname).weight += sum(layer.get(n).delta_weight() for n in layer.active)
+        assert torch.allclose(model(ids), merged(ids), atol=1e-6)
+    opt = geopeft.optimizer(model, torch.optim.AdamW, lr=2e-2)
+    state = find_state(twin)
+    alone = [GeometricOptimizer(torch.optim.AdamW([p for _, a in geopeft.adapters(twin, n)
+                                                    for p in a.factors().values()]
+                                                   + ([twin.classifier.weight, twin.classifier.bias]
+                                                      if n == "c" else []), lr=2e-2),
+                                [Part(n, geopeft.adapters(twin, n), state.by_name[n].resolved)])
+             for n in ("default", "b", "c")]
+    loss = tiny_regression()
+    for i in range(6):
+        loss(model, i).backward()
+        loss(twin, i).backward()
+        opt.step()
+        for o in alone:
+            o.step()
+        opt.zero_grad()
+        twin.zero_grad()
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(model(ids), twin(ids))
+    ranks = opt.ranks()
+    assert ranks["b"] != {"query": 3, "ffn.0": 3} and sum(ranks["b"].values()) <= 6  # GeoLoRA's own
+    assert ranks["default"] == dict.fromkeys(A_TARGETS, 2) and ranks["c"] == {"value": 2}
+    for n in ("default", "b", "c"):  # Stiefel U, V; GeoLoRA's orthonormal bases; balanced B, A
+        assert max_violation([a for _, a in geopeft.adapters(model, n)]) <= 1e-5
+    assert list(geopeft.summary(model).adapters) == ["default", "b", "c"]
+    # save / load / resume with the three active: the next steps equal the uninterrupted run's
+    geopeft.save(model, tmp_path)
+    sd = copy.deepcopy(opt.state_dict())
+    again = geopeft.load(copy.deepcopy(base), tmp_path)
+    assert geopeft.active_adapters(again) == ["default", "b", "c"] and torch.equal(again(ids), model(ids))
+    again_opt = geopeft.optimizer(again, torch.optim.AdamW, lr=2e-2)
+    again_opt.load_state_dict(sd)
+    train(model, opt, loss, 4, start=6)
+    train(again, again_opt, loss, 4, start=6)
+    assert torch.equal(again(ids), model(ids)) and again_opt.ranks() == opt.ranks()
+    geopeft.set_adapter(again, "b")
+    with pytest.raises(geopeft.GeopeftError, match="set_adapter"):
+        geopeft.optimizer(again, torch.optim.AdamW).load_state_dict(sd)
