@@ -126,7 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=1024, help="qlora: hidden size")
     parser.add_argument("--layers", type=int, default=8, help="qlora: decoder layers (memory)")
     parser.add_argument("--time-layers", type=int, default=2, help="qlora: decoder layers (step time)")
-    parser.add_argument("--rounds", type=int, default=3, help="qlora: paired step-time rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="qlora: paired step-time rounds (0: memory only, no step time)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one memory contender
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -247,10 +248,12 @@ def qlora(args) -> dict:
             done = subprocess.run([sys.executable, __file__, "--only", name, *common],
                                   capture_output=True, text=True, check=True, env=env)
             memory[name] = json.loads(done.stdout.splitlines()[-1])
-    with tempfile.TemporaryDirectory() as directory:
-        save_llama(args, directory, args.time_layers)
-        args.model_dir = directory
-        timing = paired_step_time(args)
+    timing = None
+    if args.rounds > 0:
+        with tempfile.TemporaryDirectory() as directory:
+            save_llama(args, directory, args.time_layers)
+            args.model_dir = directory
+            timing = paired_step_time(args)
     ratio = memory["nf4"]["peak_mib"] / memory["bf16"]["peak_mib"]
     print(f"\nLlama hidden {args.hidden}, LoRA rank {args.rank} on {', '.join(QLORA_TARGETS)}; "
           f"batch {args.batch} x {args.seq} tokens; CPU; {args.layers} layers:")
@@ -258,9 +261,12 @@ def qlora(args) -> dict:
     for name, m in memory.items():
         print(f"{name:<6} {m['weights_mib']:11.1f} {m['peak_mib']:18.1f} "
               f"{m['peak_mib'] / memory['bf16']['peak_mib']:8.2f}")
-    g, p = (statistics.median(timing[k]) for k in ("geopeft_step_s", "peft_step_s"))
-    print(f"step time on the nf4 base ({args.time_layers} layers, float32 compute): geopeft LoRA {g * 1e3:.0f} ms, PEFT LoRA {p * 1e3:.0f} ms "
-          f"(medians of {args.rounds}); median paired ratio geopeft / PEFT {timing['ratio_median']:.2f}")
+    if timing is None:
+        print("step time: not measured (--rounds 0)")
+    else:
+        g, p = (statistics.median(timing[k]) for k in ("geopeft_step_s", "peft_step_s"))
+        print(f"step time on the nf4 base ({args.time_layers} layers, float32 compute): geopeft LoRA {g * 1e3:.0f} ms, PEFT LoRA {p * 1e3:.0f} ms "
+              f"(medians of {args.rounds}); median paired ratio geopeft / PEFT {timing['ratio_median']:.2f}")
     print("GPU: not measured")
     return {"memory": memory, "memory_ratio_nf4_to_bf16": ratio, "step_time": timing}
 
