@@ -396,7 +396,9 @@ class RankController(abc.ABC):
     def step(self, step: int, adapters: Sequence[tuple[str, Adapter]],
              optimizer: Any) -> dict[str, int] | None:
         """Apply rank changes (through `optimizer.resize` / `resize_many`); return
-        {module name: new rank}. `step` counts the optimizer steps taken, this one included."""
+        {module name: new rank}. `step` counts the optimizer steps taken, this one included.
+        `adapters` are this controller's adapter's layers only; where several adapters train
+        together, `optimizer` is a view whose `resize` / `resize_many` address them."""
 
     def before_step(self, step: int, adapters: Sequence[tuple[str, Adapter]],  # noqa: B027
                     optimizer: Any) -> None:
