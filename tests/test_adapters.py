@@ -118,8 +118,9 @@ def test_save_load_resume_and_export_in_peft_layout(base, trained, tmp_path):
     geopeft.set_adapter(only_a, "b")
     assert torch.equal(only_a(ids), b(ids))
     geopeft.save(both, tmp_path / "again")
-    restore(only_a, tmp_path / "again")
-    assert torch.equal(only_a(ids), both(ids))
+    geopeft.set_adapter(only_a, "default")
+    restore(only_a, tmp_path / "again")  # the active set too ("b", as saved)
+    assert geopeft.active_adapters(only_a) == ["b"] and torch.equal(only_a(ids), both(ids))
     # PEFT reads the exported layout: "default" at the top, "b" in its subfolder
     # (written from the model, and converted from its saved directory without the base)
     geopeft.set_adapter(both, "default")
