@@ -10,7 +10,9 @@ Rotten Tomatoes (`geopeft.jobs.data`, critics' snippets, fresh / rotten) at up t
 recommended lr, `Recipe.lr`); the validation loss and accuracy on the first
 `--val` validation snippets every `--eval-every` steps. Every method of a seed starts from
 the same head and sees the same batches. `geolora` and `adalora` run at their defaults
-(`adalora`'s total_steps = `--steps`); the variants named `geolora-...` change one option.
+(their total_steps = `--steps`, as the `train` job sets it); the variants named `geolora-...` change
+options (and lr) as their names say. The paired 95% interval of Δacc is `geopeft.jobs.stats.interval`
+over seeds × validation snippets.
 
     .venv/bin/python benchmarks/geolora_minilm.py --seed 0,1,2 --json geolora_minilm.json
     .venv/bin/python benchmarks/geolora_minilm.py --seed 0,1,2 --batch 16 --max-length 32 --steps 80 --eval-every 40
@@ -31,44 +33,56 @@ import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from cglora_minilm import ce_loss, mean_loss, rotten_tomatoes_batches  # noqa: E402
 from init_cost import text_classifier  # noqa: E402
 from report import environment, write_report  # noqa: E402
 
 import geopeft  # noqa: E402
+from geopeft.jobs.stats import interval  # noqa: E402
 from geopeft.registry import get_registry  # noqa: E402
 
 TARGETS = r"encoder\.encoder\..*\.(query|key|value|dense)"
-METHODS = {  # name: (recipe, adapt options, rank-controller attributes)
+METHODS = {  # name: (recipe, adapt options, rank-controller attributes); "lr" in the options pins it
     "lora": ("lora", {}, {}),
     "geolora": ("geolora", {}, {}),
     "adalora": ("adalora", {}, {}),
-    # one cause at a time: no bound but τ, no budget, new second moments at 0
-    "geolora-unbounded": ("geolora", {"r_max": 10 ** 6, "budget": None}, {}),
-    "geolora-unbounded-zero-moments": ("geolora", {"r_max": 10 ** 6, "budget": None}, {"seed_moments": False}),
-    "geolora-nobudget": ("geolora", {"budget": None}, {}),
-    "geolora-zero-moments": ("geolora", {}, {"seed_moments": False}),
-    "geolora-period5": ("geolora", {"period": 5}, {}),
+    # why the ranks grew, one cause at a time (period 10, the earlier default): no bound but τ,
+    # no budget, new second moments at 0
+    "geolora-period10": ("geolora", {"period": 10}, {}),
+    "geolora-unbounded": ("geolora", {"period": 10, "r_max": 10 ** 6, "budget": None}, {}),
+    "geolora-unbounded-zero-moments": ("geolora", {"period": 10, "r_max": 10 ** 6, "budget": None},
+                                       {"seed_moments": False}),
+    "geolora-nobudget": ("geolora", {"period": 10, "budget": None}, {}),
+    "geolora-zero-moments": ("geolora", {"period": 10}, {"seed_moments": False}),
+    # the period × lr sweep behind the defaults (period 3, lr 6e-3); the earlier: period 10, lr 3e-3
+    **{f"geolora-period{p}-lr{lr}": ("geolora", {"period": p, "lr": float(lr)}, {})
+       for p, lr in [(10, "3e-3"), (5, "3e-3"), (3, "3e-3"), (2, "3e-3"), (10, "6e-3"), (5, "6e-3"),
+                     (3, "6e-3"), (3, "1e-2")]},
 }
 
 
 @torch.no_grad()
-def accuracy(model, batches) -> float:
+def correct(model, batches) -> list[int]:
+    """1 for each validation snippet the model classifies right, else 0."""
     training = model.training
     model.eval()
-    right = sum(int((model(*b[0]).argmax(-1) == b[1]).sum()) for b in batches)
+    right = [int(x) for b in batches for x in (model(*b[0]).argmax(-1) == b[1])]
     model.train(training)
-    return right / sum(len(b[1]) for b in batches)
+    return right
 
 
 def run_method(name: str, base, train, val, args) -> dict:
     method, extra, attrs = METHODS[name]
-    if method == "adalora":
+    extra = dict(extra)
+    own_lr = extra.pop("lr", None)
+    if method in ("adalora", "geolora"):  # as the train / compare jobs: the run's length
         extra = {"total_steps": args.steps, **extra}
     model = geopeft.adapt(copy.deepcopy(base), method, targets=TARGETS, rank=args.rank, alpha=2 * args.rank,
                           trainable=["classifier"], **extra)
     lr = get_registry().get("method", method).lr if args.lr == "recipe" else args.lr
+    lr = own_lr if own_lr is not None and args.lr == "recipe" else lr
     opt = geopeft.optimizer(model, torch.optim.AdamW, lr=lr, weight_decay=0.0)
     for key, value in attrs.items():
         setattr(opt.rank_controller, key, value)
@@ -77,10 +91,12 @@ def run_method(name: str, base, train, val, args) -> dict:
 
     def record(step):
         ranks = [a.rank for _, a in geopeft.adapters(model)]
-        evals.append({"step": step, "val_loss": mean_loss(model, val), "val_acc": accuracy(model, val),
+        right = correct(model, val)
+        evals.append({"step": step, "val_loss": mean_loss(model, val), "val_acc": sum(right) / len(right),
                       "total_rank": sum(ranks), "max_rank": max(ranks)})
+        return right
 
-    record(0)
+    right = record(0)
     for step, batch in enumerate(train, start=1):
         t0 = time.perf_counter()
         opt.zero_grad()
@@ -90,8 +106,9 @@ def run_method(name: str, base, train, val, args) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == len(train):
-            record(step)
-    return {"evals": evals, "train_loss": losses, "step_time": statistics.median(times[3:] or times)}
+            right = record(step)
+    return {"evals": evals, "train_loss": losses, "step_time": statistics.median(times[3:] or times),
+            "val_correct": right}
 
 
 def run(seed: int, lr: float, names: list[str], args) -> dict:
@@ -113,7 +130,8 @@ def run(seed: int, lr: float, names: list[str], args) -> dict:
 
 def summarize(runs: dict[float, dict[int, dict]], names: list[str]) -> dict:
     """Per lr and method: mean ± standard error over seeds of the final validation accuracy
-    and loss, and the paired difference in accuracy to lora (mean ± standard error)."""
+    and loss, and the paired difference in accuracy to lora (mean ± standard error over
+    seeds, and the 95% interval of `geopeft.jobs.stats.interval`, paired by seed and snippet)."""
     out: dict[str, dict] = {}
     print("\nfinal validation accuracy / loss: mean ± standard error over seeds; Δacc: paired, vs lora")
     for lr, by_seed in runs.items():
@@ -129,14 +147,22 @@ def summarize(runs: dict[float, dict[int, dict]], names: list[str]) -> dict:
             def se(xs):
                 return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
 
+            ci = [float("nan")] * 2
+            if "lora" in names and len(by_seed) > 1 and all("val_correct" in r[n] for r in by_seed.values()
+                                                            for n in (name, "lora")):
+                x = np.array([r[name]["val_correct"] for r in by_seed.values()], dtype=np.float64) - \
+                    np.array([r["lora"]["val_correct"] for r in by_seed.values()], dtype=np.float64)
+                ci = list(interval(x)[1:]) if name != "lora" else [0.0, 0.0]
+
             out.setdefault(str(lr), {})[name] = {
                 "val_acc": statistics.fmean(acc), "val_acc_se": se(acc), "val_loss": statistics.fmean(loss),
                 "val_loss_se": se(loss), "delta_acc_vs_lora": statistics.fmean(diff), "delta_acc_se": se(diff),
+                "delta_acc_ci95": ci,
                 "total_rank": statistics.fmean(rank), "step_time_vs_lora": statistics.median(ratio)}
             s = out[str(lr)][name]
             print(f"lr {lr!s:<7} {name:18s} acc {100 * s['val_acc']:.2f} ± {100 * s['val_acc_se']:.2f}  "
                   f"loss {s['val_loss']:.4f} ± {s['val_loss_se']:.4f}  Δacc {100 * s['delta_acc_vs_lora']:+.2f} "
-                  f"± {100 * s['delta_acc_se']:.2f}  total rank {s['total_rank']:.0f}  "
+                  f"± {100 * s['delta_acc_se']:.2f} [95%: {100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]  total rank {s['total_rank']:.0f}  "
                   f"time {s['step_time_vs_lora']:.2f}×")
     return out
 
@@ -165,8 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
         for path in args.merge.split(","):
             with open(path) as f:
                 for lr, by_seed in json.load(f)["results"].items():
-                    runs.setdefault(lr, {}).update({int(k): v for k, v in by_seed.items()})
-        names = list(next(iter(next(iter(runs.values())).values())))
+                    for k, v in by_seed.items():  # files may hold other methods of the same seeds
+                        runs.setdefault(lr, {}).setdefault(int(k), {}).update(v)
+        per_seed = [list(r) for by_seed in runs.values() for r in by_seed.values()]
+        names = [n for n in per_seed[0] if all(n in p for p in per_seed)]  # those every seed ran
+        names = ["lora"] + [n for n in names if n != "lora"] if "lora" in names else names
         return {"summary": summarize(runs, names)}
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(names) - set(METHODS))

@@ -143,6 +143,25 @@ def test_the_defaults_bound_each_layer_at_twice_its_initial_rank_and_the_total_a
     assert opt.rank_controller.options()["budget"] == "initial"
 
 
+def test_the_default_cycle_refreshes_the_bases_every_3_steps_and_the_last_step_truncates():
+    """At the defaults the first cycle (steps 1–3) trains S at the initial rank, then every
+    3 steps the bases take in new gradient directions (rank min(2r, r_max) after steps 4,
+    7, …) and are truncated (steps 6, 9, …) to the budget. With `total_steps` (the train job sets it) the
+    run's last step truncates even mid-cycle: the adapter ends within the budget."""
+    model, opt = bank([2, 4, 6], total_steps=8)
+    assert opt.rank_controller.options()["period"] == 3
+    ranks = []
+    for t in range(8):
+        train(model, opt, model.loss, 1, start=t)
+        ranks.append(sum(opt.ranks().values()))
+    assert ranks[:2] == [12, 12] and ranks[2] <= 12     # the first cycle: S alone, truncated at step 3
+    assert ranks[3] == ranks[4] == 2 * ranks[2] > 12    # augmented at step 4: each layer r → 2r
+    assert ranks[5] <= 12 < ranks[6]                    # truncated at 6 to the budget, augmented at 7
+    assert ranks[7] <= 12                               # step 8 = total_steps: truncated, not a cycle end
+    steps = [e["step"] for e in opt.rank_controller.rank_history]
+    assert 8 in steps and 7 not in steps                # the ranks of step 7's augmentation went at 8
+
+
 # --------------------------------------------------------------------------- ranks find the target
 def test_ranks_settle_at_the_planted_ranks_and_each_change_is_logged(caplog):
     model, opt = bank([2, 4, 6], r_max=12, period=10, tau=0.1)
@@ -320,13 +339,12 @@ def test_geolora_and_adalora_at_their_defaults_learn_a_real_task_like_lora_withi
     """What a user meets first: the first two pretrained MiniLM blocks, every Linear (2 × 6
     and the pooler's) adapted at rank 8, alpha 16, a linear head, rotten_tomatoes, 50 AdamW steps of 8
     snippets at each recipe's recommended lr, nothing else set. GeoLoRA's and AdaLoRA's
-    held-out losses fall by more than 0.01 from their start and end within 0.04 of LoRA's
-    (measured: start 0.669, LoRA 0.620, AdaLoRA 0.612, GeoLoRA 0.641–0.650 — it lags
-    early: its first cycle trains S alone in random bases), and no
-    truncation leaves a total rank above LoRA's (8 × 13). At the earlier defaults (r_max =
-    min(m, n), no budget, augmentation from S = 0 at step 1) GeoLoRA's ranks doubled every
-    cycle. (Longer runs, several seeds and lrs:
-    benchmarks/geolora_minilm.py.)"""
+    held-out losses fall by more than 0.01 from their start and end within 0.02 (GeoLoRA) and
+    0.04 (AdaLoRA) of LoRA's (measured: start 0.669, LoRA 0.620, AdaLoRA 0.612, GeoLoRA 0.629;
+    at the earlier period 10 and lr 3e-3 GeoLoRA lagged: 0.641–0.650), and no truncation
+    leaves a total rank above LoRA's (8 × 13). At the earlier defaults (r_max = min(m, n),
+    no budget, augmentation from S = 0 at step 1) GeoLoRA's ranks doubled every cycle.
+    (Longer runs, several seeds and lrs: benchmarks/geolora_minilm.py.)"""
     from geopeft.registry import get_registry
 
     data = rotten_tomatoes_minilm
@@ -346,5 +364,5 @@ def test_geolora_and_adalora_at_their_defaults_learn_a_real_task_like_lora_withi
     for method in ("geolora", "adalora"):
         start, end = losses[method]
         assert end < start - 0.01, (method, losses)
-        assert end <= losses["lora"][1] + 0.04, (method, losses)
+        assert end <= losses["lora"][1] + (0.02 if method == "geolora" else 0.04), (method, losses)
         assert totals[method] <= lora_total, (method, totals)

@@ -41,7 +41,7 @@ def register_initializers(register):
 def register_methods(register):
     register("geolora", Recipe(
         name="geolora", adapter="usv", rank_controller="geolora", initializer="zero_core",
-        riemannian_grad=False, options={"train_bases": False}, lr=3e-3,
+        riemannian_grad=False, options={"train_bases": False}, lr=6e-3,
         description="GeoLoRA: ΔW = s·U·S·Vᵀ, U and V orthonormal, moved only by basis augmentation "
                     "(QR of [U, G_U S⁻ᵀ]) and singular-value truncation of S (tolerance tau); the "
                     "optimizer trains S; one backward pass per step"))

@@ -61,12 +61,16 @@ class GeoLoRAController(RankController):
     are rotated with the basis, new directions start at zero.
 
     Options: `tau` (0.1), `r_min` (2), `r_max` (None: 2·r₀, twice the layer's initial rank, as
-    the official GLUE settings; an int caps every layer, min(m, n) at most), `period` (10),
+    the official GLUE settings; an int caps every layer, min(m, n) at most), `period` (3: short
+    runs need the bases refreshed often; see docs),
     `budget` ("initial": the total initial rank Σ r₀, LoRA's at the same rank; an int: that
     total; None: per-layer τ and r_max only), `train_bases` (True: the optimizer also steps U
     and V as their manifold says — StelLA's Riemannian steps; False, the `geolora` recipe: U
     and V move only by augmentation and truncation, their gradients are taken before the
-    optimizer step), `damping` (1e-3: S⁻¹ damped to σ/(σ² + (damping·σ_max)²)).
+    optimizer step), `damping` (1e-3: S⁻¹ damped to σ/(σ² + (damping·σ_max)²)), `total_steps`
+    (None; the `train` / `compare` jobs set the run's steps: its last step truncates, whatever
+    the period, so the adapter ends at most at the budget — inside a cycle a layer holds up
+    to 2r directions).
 
     No augmentation while a layer's core is exactly 0 (at the start: its gradients G_U, G_V
     are 0 and would add arbitrary directions); its first cycle trains S at the initial rank.
@@ -81,8 +85,9 @@ class GeoLoRAController(RankController):
     name = "geolora"
     requires = frozenset({"U", "S", "V"})
 
-    def __init__(self, tau: float = 0.1, r_min: int = 2, r_max: int | None = None, period: int = 10,
-                 budget: int | str | None = "initial", train_bases: bool = True, damping: float = 1e-3):
+    def __init__(self, tau: float = 0.1, r_min: int = 2, r_max: int | None = None, period: int = 3,
+                 budget: int | str | None = "initial", train_bases: bool = True, damping: float = 1e-3,
+                 total_steps: int | None = None):
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"tau must be in [0, 1), got {tau!r}")
         for label, value in (("r_min", r_min), ("period", period)):
@@ -95,8 +100,12 @@ class GeoLoRAController(RankController):
                              f"rank) or None (no global budget), got {budget!r}")
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 1):
+            raise ValueError(f"total_steps must be a positive int (the run's optimizer steps) or None, "
+                             f"got {total_steps!r}")
         self.tau, self.r_min, self.r_max, self.period = float(tau), r_min, r_max, period
         self.budget, self.train_bases, self.damping = budget, bool(train_bases), float(damping)
+        self.total_steps = total_steps
         self.history = RankHistory(self.name)
         self._captured: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._warned: set[str] = set()
@@ -139,7 +148,10 @@ class GeoLoRAController(RankController):
 
     # ------------------------------------------------------------------ the two hooks
     def _phase(self, t: int) -> tuple[bool, bool]:
-        """(augment, truncate) at optimizer step t (1-based)."""
+        """(augment, truncate) at optimizer step t (1-based); the run's last step (`total_steps`)
+        truncates and does not augment, so the trained adapter ends within the budget."""
+        if t == self.total_steps:
+            return False, True
         return (t - 1) % self.period == 0, t % self.period == 0
 
     def before_step(self, step, adapters, optimizer):
@@ -293,7 +305,8 @@ class GeoLoRAController(RankController):
 
     def options(self) -> dict[str, Any]:
         return {"tau": self.tau, "r_min": self.r_min, "r_max": self.r_max, "period": self.period,
-                "budget": self.budget, "train_bases": self.train_bases, "damping": self.damping}
+                "budget": self.budget, "train_bases": self.train_bases, "damping": self.damping,
+                "total_steps": self.total_steps}
 
 
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam's, AdamW's (amsgrad)
