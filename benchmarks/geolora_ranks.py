@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=6e-3)  # the recipe's
     parser.add_argument("--tau", type=float, default=0.1)
-    parser.add_argument("--period", type=int, default=10)
+    parser.add_argument("--period", type=int, default=3)  # the controller's default
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="docs/methods/geolora_ranks.png")

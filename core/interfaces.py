@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .layers import LayerOps, LinearOps, layer_ops
 
 FactorKey = str
@@ -428,13 +428,28 @@ class RankChange:
     """One layer's rank change for `GeometricOptimizer.resize_many`: the module name, the
     new rank, and how the rank space maps (see `Adapter.resize`): kept indices `keep`, or
     a change of `basis` ({factor: one (rank, new rank) matrix per rank dim}); `values`
-    optionally gives the new factors outright."""
+    optionally gives the new factors outright. `new_second_moments` ({factor: policy}) says
+    how the optimizer's second moments (`exp_avg_sq`, …) of a factor's *new* coordinates
+    start — those no old direction maps to (a zero column of the basis map, a padded index):
+    at 0 by default, or "mean": the mean of the entries at old coordinates, so that Adam
+    steps a new entry by its gradient relative to the old ones', not by a full normalised
+    step whatever its gradient (its step count carries on)."""
 
     name: str
     rank: int
     keep: Tensor | None = None
     basis: Mapping[str, Sequence[Tensor]] | None = None
     values: Mapping[str, Tensor] | None = None
+    new_second_moments: Mapping[str, str] | None = None
+
+    SECOND_MOMENT_POLICIES: ClassVar[tuple[str, ...]] = ("zero", "mean")
+
+    def __post_init__(self) -> None:
+        bad = {f: p for f, p in (self.new_second_moments or {}).items()
+               if p not in self.SECOND_MOMENT_POLICIES}
+        if bad:
+            raise ConfigError(f"RankChange for {self.name!r}: new_second_moments {bad} names an unknown "
+                              f"policy; use one of {', '.join(self.SECOND_MOMENT_POLICIES)}")
 
 
 # --------------------------------------------------------------------------- Initializer

@@ -32,7 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from geopeft.kernels import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
+from geopeft.kernels import (
+    assign_,
+    change_basis,
+    full,
+    mean_into_new,
+    resize_along,
+    stack_fp32,
+    write_stacked,
+)
 from geopeft.kernels.batched import DTensor
 
 from .data_parallel import GradientSync, resizable, wrapper_group
@@ -495,8 +503,8 @@ class GeometricOptimizer(WrappedOptimizer):
             raise GeopeftError(f"no adapter on {', '.join(unknown[:5])}; adapters: "
                                f"{', '.join(list(named)[:5])}…")
         swap: dict[int, nn.Parameter] = {}
-        # (kind, shape, dims, rank, dtype, device) -> [(state entry, its new owner, key, basis)]
-        rotations: dict[tuple, list[tuple[Tensor, nn.Parameter, str, Sequence[Tensor]]]] = defaultdict(list)
+        # (kind, shape, dims, rank, dtype, device) -> [(state entry, its new owner, key, basis, policy)]
+        rotations: dict[tuple, list[tuple[Tensor, nn.Parameter, str, Sequence[Tensor], str]]] = defaultdict(list)
         for change in changes:
             adapter = named[change.name]
             swapped = adapter.resize(change.rank, change.keep, basis=change.basis, values=change.values)
@@ -508,22 +516,30 @@ class GeometricOptimizer(WrappedOptimizer):
                 self.state[new] = state  # its factor-shaped entries are replaced below
                 dims = adapter.rank_dims[fname]
                 basis = change.basis.get(fname) if change.basis else None
+                policy = (change.new_second_moments or {}).get(fname, "zero")
                 for key, v in state.items():
                     if not (torch.is_tensor(v) and v.dim() > 0 and v.shape == old.shape):
                         continue
+                    kind = "first" if key in FIRST_MOMENTS else "squared"
                     if basis is None:
                         state[key] = resize_along(v, dims, change.rank, change.keep)
+                        if kind == "squared" and policy == "mean":
+                            state[key] = _mean_into_padded(state[key], v, dims, change)
                     else:
-                        kind = "first" if key in FIRST_MOMENTS else "squared"
                         sig = (kind, tuple(v.shape), dims, change.rank, v.dtype, v.device)
-                        rotations[sig].append((v, new, key, basis))
+                        rotations[sig].append((v, new, key, basis, policy))
         for (kind, _, dims, *_), items in rotations.items():
-            mats = [torch.stack([basis[i] for *_, basis in items]) for i in range(len(dims))]
+            mats = [torch.stack([basis[i] for *_, basis, _ in items]) for i in range(len(dims))]
             if kind == "squared":
                 mats = [m * m for m in mats]
             moved = change_basis(torch.stack([v for v, *_ in items]), dims, mats)
-            for (_, new, key, _), value in zip(items, moved.unbind(0)):
+            for (_, new, key, _, _), value in zip(items, moved.unbind(0)):
                 self.state[new][key] = value
+            seeded = [i for i, item in enumerate(items) if item[-1] == "mean"] if kind == "squared" else []
+            if seeded:  # gathered whole and written back (a sharded moment keeps its shard)
+                targets = [self.state[items[i][1]][items[i][2]] for i in seeded]
+                whole = torch.stack([full(t) for t in targets])
+                write_stacked(targets, mean_into_new(whole, dims, [m[seeded] for m in mats]))
         for group in self.param_groups:
             group["params"] = [swap.get(id(p), p) for p in group["params"]]
         self._plan()
@@ -643,3 +659,20 @@ def _select(points: Points, idx: list[int]) -> Points:
     if isinstance(points, tuple):
         return tuple(t[idx] for t in points)
     return points[idx]
+
+
+def _mean_into_padded(moved: Tensor, old: Tensor, dims: Sequence[int], change: RankChange) -> Tensor:
+    """`moved` = resize_along(old, ...) with its padded (new) indices set by `mean_into_new`:
+    the selection as a basis map whose zero columns are the padding."""
+    r_old = old.shape[dims[0]]
+    idx = change.keep if change.keep is not None else torch.arange(min(r_old, change.rank))
+    idx = idx[:change.rank].to(device=old.device, dtype=torch.long)
+    select = torch.zeros(r_old, change.rank, dtype=moved.dtype, device=moved.device)
+    select[idx, torch.arange(len(idx), device=old.device)] = 1
+    whole = full(moved)[None]
+    out = mean_into_new(whole, dims, [select[None]] * len(dims))[0]
+    if out is whole[0]:
+        return moved
+    assign_(moved, out)
+    return moved
+

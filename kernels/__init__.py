@@ -10,7 +10,15 @@ from .balanced import (
     default_rank_rtol,
     push_through_basis_change,
 )
-from .batched import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
+from .batched import (
+    assign_,
+    change_basis,
+    full,
+    mean_into_new,
+    resize_along,
+    stack_fp32,
+    write_stacked,
+)
 from .dispatch import report as kernel_report
 from .geolora import augment, basis_directions, core_svd, tolerance_ranks
 from .lora import LoRALinearFunction, lora_linear
@@ -36,6 +44,7 @@ __all__ = [
     "POLAR_METHODS", "Balanced", "assign_", "augment", "basis_directions", "core_svd",
     "tolerance_ranks", "balance", "balance_violation", "balanced_tangent",
     "canonical_rgrad", "cayley_retract", "change_basis", "default_rank_rtol", "equivalent_gradient", "full",
+    "mean_into_new",
     "gram_violation", "inv_sqrt_newton_schulz", "lorapro_adjust", "lorapro_equivalent_gradient", "polar",
     "polar_retract", "polar_retract_step", "push_through_basis_change", "qr_retract", "random_stiefel",
     "resize_along",

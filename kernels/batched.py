@@ -71,6 +71,26 @@ def resize_along(t: Tensor, dims: Sequence[int], new_rank: int, keep: Tensor | N
     return out.contiguous()
 
 
+def mean_into_new(t: Tensor, dims: Sequence[int], bases: Sequence[Tensor]) -> Tensor:
+    """Stacked tensors t (G, ...) after a change of basis by `bases[i]` (G, r_old, r_new)
+    along `dims[i]` (as `change_basis`): per member, the entries at a *new* coordinate
+    along any of `dims` — an index j whose column bases[i][g, :, j] is zero, no old
+    direction maps to it — set to the mean of the entries at old coordinates only (0 when
+    there are none). A rank controller's start for new directions' second moments."""
+    new = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    for d, basis in zip(dims, bases):
+        fresh = basis.abs().amax(-2) == 0                          # (G, r_new)
+        shape = [t.shape[0]] + [1] * (t.dim() - 1)
+        shape[d + 1] = fresh.shape[-1]
+        new |= fresh.to(t.device).view(shape)
+    if not bool(new.any()):
+        return t
+    old = (~new).to(t.dtype)
+    flat = tuple(range(1, t.dim()))
+    mean = (t * old).sum(flat, keepdim=True) / old.sum(flat, keepdim=True).clamp_min(1)
+    return torch.where(new, mean, t)
+
+
 def change_basis(t: Tensor, dims: Sequence[int], bases: Sequence[Tensor]) -> Tensor:
     """Stacked tensors t (G, ...) with each rank dim `dims[i]` (counted in the unstacked
     tensor) mapped by the stacked matrices `bases[i]` (G, r_old, r_new):

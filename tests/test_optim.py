@@ -347,6 +347,34 @@ def test_resize_by_a_change_of_basis_maps_factors_and_moments(tiny):
     assert torch.equal(tiny.query.adapter.A, values["A"]) and opt.ranks() == {"query": 5, "value": 3}
 
 
+def test_new_second_moments_mean_starts_new_coordinates_at_the_old_entries_mean(tiny):
+    """`new_second_moments={"B": "mean"}`: after growing 4 → 6 (a basis map with zero columns
+    4, 5, or kept indices and padding), the second moments of B's new columns hold the mean
+    of its old columns' entries; first moments and the other factor's stay 0 there; an
+    unknown policy is refused."""
+    geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4)
+    opt = geopeft.optimizer(tiny, torch.optim.AdamW, lr=1e-2, amsgrad=True)
+    _train(tiny, opt, 2)
+    grow = torch.eye(4, 6)
+    before = {n: {k: opt.state[a.B][k].clone() for k in ("exp_avg_sq", "max_exp_avg_sq")}
+              for n, a in geopeft.adapters(tiny)}
+    opt.resize_many([geopeft.RankChange("query", 6, basis={"A": (grow,), "B": (grow,)},
+                                        new_second_moments={"B": "mean"}),
+                     geopeft.RankChange("value", 6, keep=torch.tensor([2, 0, 1, 3]),
+                                        new_second_moments={"B": "mean"})])
+    for n, a in geopeft.adapters(tiny):
+        for key, old in before[n].items():
+            if n == "value":
+                old = old[:, [2, 0, 1, 3]]
+            v = opt.state[a.B][key]
+            assert torch.equal(v[:, :4], old)
+            assert torch.allclose(v[:, 4:], old.mean().expand(16, 2), rtol=1e-6, atol=0)
+        assert not opt.state[a.B]["exp_avg"][:, 4:].any() and not opt.state[a.A]["exp_avg_sq"][4:].any()
+    _train(tiny, opt, 1, start=2)
+    with pytest.raises(geopeft.ConfigError, match="names an unknown policy; use one of zero, mean"):
+        geopeft.RankChange("query", 6, new_second_moments={"B": "max"})
+
+
 def test_factor_without_gradient_stays_put_while_its_group_steps(tiny):
     geopeft.adapt(tiny, "lora", targets=["query", "value"], rank=4, manifold={"A": "oblique"})
     opt = geopeft.optimizer(tiny, torch.optim.SGD, lr=0.3)

@@ -10,15 +10,7 @@ import torch
 from torch import Tensor
 
 from geopeft import Adapter, ConfigError, RankChange, RankController
-from geopeft.kernels import (
-    assign_,
-    augment,
-    basis_directions,
-    core_svd,
-    full,
-    stack_fp32,
-    tolerance_ranks,
-)
+from geopeft.kernels import augment, basis_directions, core_svd, stack_fp32, tolerance_ranks
 
 from .history import RankHistory, logger
 
@@ -76,7 +68,8 @@ class GeoLoRAController(RankController):
     are 0 and would add arbitrary directions); its first cycle trains S at the initial rank.
     A second moment of S's new entries (Adam's `exp_avg_sq`) starts at the mean of the kept
     block's, not at 0: Adam then moves a new entry in proportion to its gradient, as the old
-    ones, instead of by a full normalised step whatever its gradient (see docs;
+    ones, instead of by a full normalised step whatever its gradient (core's
+    `RankChange(new_second_moments={"S": "mean"})`; see docs;
     `seed_moments = False` on the controller leaves them at 0, for comparison).
     After a truncation, a total rank above the budget (or, with `budget=None`, above Σ r₀)
     and a layer at full rank min(m, n) are logged once at WARNING on `geopeft.ranks`.
@@ -183,13 +176,12 @@ class GeoLoRAController(RankController):
             cand, maps = self._truncate(adapters, cand)
         if not cand:
             return None
-        old_ranks = {n: a.rank for n, a in adapters}
+        # new entries of S (an augmentation's rows and columns r:) start with the mean second moment
+        seed = {"S": "mean"} if augmenting and not truncating and self.seed_moments else None
         optimizer.resize_many([
             RankChange(name, c.u.shape[-1], basis={"U": (pu,), "S": (pu, pv), "V": (pv,)},
-                       values={"U": c.u, "S": c.s, "V": c.v})
+                       values={"U": c.u, "S": c.s, "V": c.v}, new_second_moments=seed)
             for name, c in cand.items() for pu, pv in [maps[name]]])
-        if augmenting and not truncating and self.seed_moments:
-            seed_new_second_moments(optimizer, [(a, old_ranks[n]) for n, a in adapters if n in cand])
         if truncating:
             self.history.record(step, {n: a.rank for n, a in adapters})
             self._guard(step, adapters)
@@ -307,28 +299,6 @@ class GeoLoRAController(RankController):
         return {"tau": self.tau, "r_min": self.r_min, "r_max": self.r_max, "period": self.period,
                 "budget": self.budget, "train_bases": self.train_bases, "damping": self.damping,
                 "total_steps": self.total_steps}
-
-
-SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam's, AdamW's (amsgrad)
-
-
-@torch.no_grad()
-def seed_new_second_moments(optimizer, augmented) -> None:
-    """After an augmentation r → r̂ of S: the second moments of S's new entries (rows and
-    columns r:) start at the mean of the kept (r, r) block's instead of 0. With a zero second
-    moment and Adam's step count carried on, a new entry's first steps are full normalised
-    steps (up to ~6·lr late in training, whatever its gradient); seeded, it moves by its
-    gradient relative to the old entries'. `augmented`: [(adapter, old rank r)]."""
-    for adapter, r in augmented:
-        state = optimizer.state.get(adapter.S, {})
-        for key in SECOND_MOMENTS:
-            v = state.get(key)
-            if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] > r:
-                whole = full(v).clone()  # a sharded (FSDP2) moment is gathered, then re-sharded
-                fill = whole[:r, :r].mean()
-                whole[r:, :] = fill
-                whole[:r, r:] = fill
-                assign_(v, whole)
 
 
 def initial_rank(adapter: Adapter) -> int:
