@@ -48,6 +48,7 @@ METHODS = {  # name: (recipe, adapt options, rank-controller attributes); "lr" i
     "lora": ("lora", {}, {}),
     "geolora": ("geolora", {}, {}),
     "adalora": ("adalora", {}, {}),
+    "adalora-r8-t8": ("adalora", {"target_rank": 8}, {}),  # the earlier default: rank 8 = target, no pruning
     # why the ranks grew, one cause at a time (period 10, the earlier default): no bound but τ,
     # no budget, new second moments at 0
     "geolora-period10": ("geolora", {"period": 10}, {}),

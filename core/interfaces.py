@@ -413,6 +413,12 @@ class RankController(abc.ABC):
         """Called once when `geopeft.optimizer` wraps `optimizer` (the inner one): raise a
         `ConfigError` for adapters or an optimizer it cannot work with. Default: any."""
 
+    def initial_rank(self, rank: int) -> int:
+        """The rank `adapt(..., rank=rank)` builds each adapter at (layers without a
+        per-layer `ranks=` entry). Default: `rank`; a controller that prunes down to the
+        requested rank (AdaLoRA) may start above it."""
+        return rank
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -290,6 +290,7 @@ def adapt(model: nn.Module, method: str | Recipe = "lora", targets: str | Sequen
                               "module is either adapted or fully trained; narrow targets= or trainable=")
     if state is not None:
         check_apart(model, adapter_name, [n for n, _ in found], trainable)
+    rank = resolved.rank_controller.initial_rank(rank)  # AdaLoRA's default starts above it
     built = build_adapters(resolved, found, ranks or {}, rank)  # nothing changed yet
     originals = snapshot(model, trainable)
     pairs = [(name, adapter) for name, _, adapter in built]

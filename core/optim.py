@@ -32,16 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from geopeft.kernels import (
-    assign_,
-    change_basis,
-    full,
-    mean_into_new,
-    resize_along,
-    stack_fp32,
-    write_stacked,
-)
-from geopeft.kernels.batched import DTensor
+from geopeft.kernels import assign_, change_basis, full, resize_along, stack_fp32, write_stacked
+from geopeft.kernels.batched import DTensor, mean_into_new
 
 from .data_parallel import GradientSync, resizable, wrapper_group
 from .errors import ConfigError, GeopeftError, ShapeError

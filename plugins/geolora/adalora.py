@@ -8,6 +8,7 @@ adapter with a diagonal S: triplet i of a layer is (U[:, i], S[i], V[:, i]) — 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,10 +17,11 @@ from torch import Tensor
 from geopeft import ConfigError, RankChange, RankController
 from geopeft.kernels import resize_along
 
-from .controller import check_basis_manifolds
+from .controller import check_basis_manifolds, initial_rank
 from .history import RankHistory
 
 FACTORS = ("U", "S", "V")
+INITIAL_RATIO = 1.5  # initial rank / target rank when target_rank is None (PEFT's 12 → 8)
 
 
 class AdaLoRAController(RankController):
@@ -29,7 +31,9 @@ class AdaLoRAController(RankController):
     Ū ← β₂Ū + (1−β₂)|I − Ī|, score Ī·Ū; a triplet's score is S's entry plus the mean
     score of its U column and of its V column. Budget at step g (0-based): the initial
     total rank b₀ until `tinit`, then b_T + (b₀ − b_T)(1 − (g − tinit)/(T − tfinal − tinit))³
-    (b_T = `target_rank` × layers, T = `total_steps`), pruning every `delta_t` steps, and
+    (b_T = `target_rank` × layers — or, with `target_rank=None`, the default, the rank adapt
+    was asked for: adapters start at ⌈1.5·rank⌉, PEFT's init_r 12 → target_r 8 — T =
+    `total_steps`), pruning every `delta_t` steps, and
     from T − tfinal on the ranks are fixed. At a pruning step the `budget` best triplets
     over all layers are kept (each layer keeps at least one) and the others removed by
     `GeometricOptimizer.resize_many` — factors, optimizer state and scores alike.
@@ -38,10 +42,11 @@ class AdaLoRAController(RankController):
     name = "adalora"
     requires = frozenset(FACTORS)
 
-    def __init__(self, target_rank: int = 8, total_steps: int | None = None, tinit: int = 0,
+    def __init__(self, target_rank: int | None = None, total_steps: int | None = None, tinit: int = 0,
                  tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85):
-        if not (isinstance(target_rank, int) and target_rank >= 1):
-            raise ValueError(f"target_rank must be a positive int, got {target_rank!r}")
+        if not (target_rank is None or (isinstance(target_rank, int) and target_rank >= 1)):
+            raise ValueError(f"target_rank must be a positive int or None (the rank adapt was asked "
+                             f"for), got {target_rank!r}")
         if total_steps is not None and not (isinstance(total_steps, int) and total_steps > tinit + tfinal):
             raise ValueError(f"total_steps must be an int > tinit + tfinal ({tinit + tfinal}), got {total_steps!r}")
         if not (isinstance(delta_t, int) and delta_t >= 1):
@@ -53,6 +58,7 @@ class AdaLoRAController(RankController):
         self.tinit, self.tfinal, self.delta_t = int(tinit), int(tfinal), delta_t
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.init_budget: int | None = None
+        self._target_total = 0
         self.scores: dict[str, dict[str, Tensor]] = {}  # layer -> {"U", "S", "V", "uU", "uS", "uV"}
         self.history = RankHistory(self.name)
         self._layers = 0
@@ -72,9 +78,23 @@ class AdaLoRAController(RankController):
                 raise ConfigError(f"rank controller 'adalora' scores triplets (U[:, i], S[i], V[:, i]) and "
                                   f"needs a diagonal S, but the adapter on {name!r} has a full S: pass "
                                   "diag_s=True")
-        if self.target_rank * len(adapters) > sum(a.rank for _, a in adapters):
+        self._target_total = self._targets(adapters)
+        if self._target_total > sum(a.rank for _, a in adapters):
             raise ConfigError(f"adalora target_rank={self.target_rank} is above the initial ranks: "
                               "use target_rank <= rank")
+
+    def initial_rank(self, rank: int) -> int:
+        """With `target_rank=None` (the default) `rank` is the target and the adapters start
+        at ⌈1.5·rank⌉ (PEFT's default init_r 12 → target_r 8); with a `target_rank`, `rank`
+        is the initial rank, as PEFT's init_r."""
+        return math.ceil(INITIAL_RATIO * rank) if self.target_rank is None else rank
+
+    def _targets(self, adapters) -> int:
+        """b_T: `target_rank` × layers, or (target_rank=None) Σ r₀ / 1.5 layer by layer, r₀
+        the rank each adapter was built at (read off its fixed scale α/r₀, like GeoLoRA's)."""
+        if self.target_rank is not None:
+            return self.target_rank * len(adapters)
+        return sum(max(1, round(initial_rank(a) / INITIAL_RATIO)) for _, a in adapters)
 
     def budget_schedule(self, g: int) -> tuple[int, bool]:
         """(budget, prune now?) at 0-based step g, as PEFT's RankAllocator.budget_schedule."""
@@ -88,7 +108,7 @@ class AdaLoRAController(RankController):
 
     @property
     def target_budget(self) -> int:
-        return self.target_rank * self._layers
+        return self._target_total
 
     # ------------------------------------------------------------------ importance
     @torch.no_grad()
@@ -96,6 +116,7 @@ class AdaLoRAController(RankController):
         """Smoothed sensitivity from this step's raw gradients (before any transform or
         Riemannian projection rewrites them), all layers in a few fused foreach calls."""
         self._layers = len(adapters)
+        self._target_total = self._targets(adapters)
         if self.init_budget is None:
             self.init_budget = sum(a.rank for _, a in adapters)
         self.history.start({n: a.rank for n, a in adapters})
@@ -136,12 +157,12 @@ class AdaLoRAController(RankController):
             return None
         budget, prune = self.budget_schedule(g)
         total = sum(a.rank for _, a in adapters)
-        if not (prune or g == final) or budget >= total or not all(n in self.scores for n, _ in adapters):
+        if not (prune or g == final) or budget >= total or not self.scores:
             return None
         keep = self._allocate(adapters, budget)
         changes = [RankChange(n, len(idx), keep=idx) for (n, a), idx in zip(adapters, keep) if len(idx) < a.rank]
         optimizer.resize_many(changes)
-        for c in changes:
+        for c in (c for c in changes if c.name in self.scores):
             self.scores[c.name] = {k: resize_along(v, (0,) if k.endswith("S") else (1,), c.rank, c.keep)
                                    for k, v in self.scores[c.name].items()}
         if g == final:
@@ -152,7 +173,9 @@ class AdaLoRAController(RankController):
     def _allocate(self, adapters, budget: int) -> list[Tensor]:
         """Kept triplet indices per layer (sorted): each layer's best one, then the best of
         the rest over all layers, `budget` in all."""
-        scores = [self.triplet_scores(n) for n, _ in adapters]
+        # a layer that never had gradients (e.g. a pooler the loss does not use) scores 0
+        scores = [self.triplet_scores(n) if n in self.scores else
+                  torch.zeros(a.rank, dtype=torch.float32, device=a.S.device) for n, a in adapters]
         flat = torch.cat(scores)
         offsets = torch.tensor([0] + [len(s) for s in scores]).cumsum(0)
         chosen = torch.zeros_like(flat, dtype=torch.bool)
