@@ -46,6 +46,34 @@ def ranks(model: nn.Module) -> dict[str, int]:
     return {name: int(a.rank) for name, a in geopeft.adapters(model)}
 
 
+def one_class_warning(evals: list[dict[str, Any]], test_predicted: list[int] | None,
+                      classes: tuple[str, ...] | list[str] = ()) -> str | None:
+    """A classifier that predicted one and the same class for every example, at every
+    evaluation of the validation split and on the test split, has learned only the class
+    prior, whatever its accuracy (which is then that class's share): warn (RuntimeWarning)
+    and return the message. `evals`: the run's evaluations, each with "val_predicted"
+    (examples per class); `test_predicted`: the test split's. None otherwise."""
+    val = [e["val_predicted"] for e in evals if "val_predicted" in e]
+    counts = val + ([test_predicted] if test_predicted is not None else [])
+    if not counts or len(counts[0]) < 2:
+        return None
+    winners = set()
+    for c in counts:
+        if sum(k > 0 for k in c) != 1:
+            return None
+        winners.add(c.index(max(c)))
+    if len(winners) != 1:
+        return None
+    label = winners.pop()
+    name = classes[label] if label < len(classes) else str(label)
+    message = (f"the model predicts one class ({name!r}) for every example, at each of {len(val)} validation "
+               f"evaluations{' and on the test split' if test_predicted is not None else ''}: it learned "
+               "only the class prior, and its accuracy is that class's share. Try another lr "
+               "(`--lr-sweep`) or more steps")
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return message
+
+
 class RankGrowthWatch:
     """The failure a rank-adaptive run meets: its training loss risen back to its start while
     its total rank grew. `update(loss, model)` after every step; warns once (RuntimeWarning,

@@ -87,22 +87,27 @@ class BatchOrder:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128,
-             device: torch.device | None = None) -> tuple[float, float, list[int]]:
-    """(mean cross-entropy, accuracy, 0/1 per example in `data`'s order) of a classifier on
-    `data`, in eval mode. Text is batched shortest first, so that a batch trimmed to its
-    longest example carries little padding (a third of the cost on short texts)."""
+             device: torch.device | None = None) -> tuple[float, float, list[int], list[int]]:
+    """(mean cross-entropy, accuracy, 0/1 per example in `data`'s order, how many examples
+    each class was predicted for) of a classifier on `data`, in eval mode. Text is batched
+    shortest first, so that a batch trimmed to its longest example carries little padding
+    (a third of the cost on short texts)."""
     was_training = model.training
     model.eval()
     order = torch.argsort(data.inputs[1].sum(1), stable=True) if data.text else torch.arange(len(data))
     loss_sum, correct = 0.0, torch.zeros(len(data), dtype=torch.int64)
+    predicted = torch.zeros(0, dtype=torch.int64)
     for i in range(0, len(data), batch_size):
         idx = order[i:i + batch_size]
         inputs, labels = _to(data.batch(idx), device)
         logits = logits_of(model, inputs)
         loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
-        correct[idx] = (logits.argmax(-1) == labels).long().cpu()
+        guess = logits.argmax(-1)
+        correct[idx] = (guess == labels).long().cpu()
+        counts = torch.bincount(guess.cpu(), minlength=logits.shape[-1])
+        predicted = counts if not len(predicted) else predicted + counts
     model.train(was_training)
-    return loss_sum / len(data), float(correct.sum()) / len(data), correct.tolist()
+    return loss_sum / len(data), float(correct.sum()) / len(data), correct.tolist(), predicted.tolist()
 
 
 @torch.no_grad()
@@ -139,12 +144,13 @@ def _to(batch, device):
 
 
 def scores(cfg, model: nn.Module, data: Encoded, tokenizer, device) -> dict[str, float | None]:
-    """{"loss", "acc", "correct"} (+ "ppl" for causal_lm) of `model` on a held-out split."""
+    """{"loss", "acc", "correct"} and "predicted" (examples per class) for a classifier, or
+    "ppl" for causal_lm, of `model` on a held-out split."""
     if cfg.task == "causal_lm":
         return evaluate_lm(model, data, tokenizer=tokenizer, max_new_tokens=cfg.data.max_new_tokens,
                            device=device)
-    loss, acc, correct = evaluate(model, data, device=device)
-    return {"loss": loss, "acc": acc, "correct": correct}
+    loss, acc, correct, predicted = evaluate(model, data, device=device)
+    return {"loss": loss, "acc": acc, "correct": correct, "predicted": predicted}
 
 
 def batch_loss(cfg, model: nn.Module, batch, global_labels: torch.Tensor | None = None,
@@ -399,7 +405,8 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
         if run.step % t.eval_every == 0 or run.step == t.steps:
             got = scores(cfg, model, val, tokenizer, ctx.device)
             run.evals.append({"step": run.step, "time": run.train_time, "val_loss": got["loss"],
-                              "val_acc": got["acc"], "ranks": measure.ranks(model)})
+                              "val_acc": got["acc"], "ranks": measure.ranks(model),
+                              **({"val_predicted": got["predicted"]} if "predicted" in got else {})})
             bar.set_postfix(loss=f"{ema:.3f}", val_loss=f"{got['loss']:.3f}",
                             **({"val_acc": f"{got['acc']:.3f}"} if got["acc"] is not None else {}))
         if checkpoint and ckpt is not None and (run.step % t.checkpoint_every == 0 or run.step == t.steps):
@@ -425,7 +432,9 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
         "step_time": statistics.median(timed) if timed else None,
         "train_time": run.train_time, "cpu_time": time.process_time() - cpu_start,
         "ranks": measure.ranks(model), "rank_adaptive": _rank_adaptive(model),
-        "warning": watch.message if watch is not None else None,
+        "warning": "; ".join(m for m in (watch.message if watch is not None else None,
+                                         measure.one_class_warning(run.evals, got.get("predicted"), classes))
+                             if m) or None,
         "losses": run.losses, "step_times": run.step_times, "evals": run.evals,
     }
     if out is not None:

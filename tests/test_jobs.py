@@ -100,7 +100,32 @@ def test_train_resume_is_bitwise_equal(tiny_config, tiny_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert resumed["losses"] == whole["losses"] and resumed["test_acc"] == whole["test_acc"]
+    untimed = [[{k: v for k, v in e.items() if k != "time"} for e in m["evals"]] for m in (resumed, whole)]
+    assert untimed[0] == untimed[1]  # with the examples predicted per class
+    assert [sum(e["val_predicted"]) for e in whole["evals"]] == [len(tiny_data["val"].head(48))] * 2
     assert (tmp_path / "cut" / "config.yaml").is_file()
+
+
+def test_a_classifier_that_predicts_one_class_for_everything_is_reported(tiny_data, recwarn):
+    from geopeft.jobs.measure import one_class_warning
+    from geopeft.jobs.train import evaluate
+
+    class Constant(torch.nn.Module):  # the class prior only: class 1 for every input
+        def forward(self, ids, mask, *rest):
+            return torch.tensor([0.0, 1.0]).expand(ids.shape[0], 2)
+
+    val = tiny_data["val"]
+    _, acc, correct, predicted = evaluate(Constant(), val, batch_size=7)
+    assert predicted == [0, len(val)] and acc == int(val.labels.sum()) / len(val) == sum(correct) / len(val)
+    assert not recwarn.list
+    message = one_class_warning([{"val_predicted": predicted}] * 2, [0, 5], ("neg", "pos"))
+    assert [str(w.message) for w in recwarn.list] == [message]
+    assert "one class ('pos') for every example, at each of 2 validation evaluations and on the test split" in message
+    recwarn.clear()
+    assert one_class_warning([{"val_predicted": predicted}] * 2, [1, 4], ("neg", "pos")) is None  # one test example differs
+    assert one_class_warning([{"val_predicted": [3, 0]}], [0, 5]) is None  # a different class on each split
+    assert one_class_warning([{"val_predicted": [3]}], [5]) is None  # one class in all: nothing to learn
+    assert one_class_warning([], None) is None and not recwarn.list
 
 
 def test_config_reference_is_current():
