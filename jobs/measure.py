@@ -80,17 +80,21 @@ class RankGrowthWatch:
     with the numbers) when the mean of the last `window` losses is at or above the mean of
     the first `window`, some earlier `window` mean was at least `fall` (relative) below that
     start — a slow start that has not learned yet is no divergence — and the adapters' total
-    rank is above its value at the start. `message` holds the warning (None until then)."""
+    rank at every one of the last `window` steps is above its value at the start (the
+    smallest of them: a controller's cycle that augments, then truncates back within its
+    budget, is no growth). `message` holds the warning (None until then)."""
 
     def __init__(self, model: nn.Module, window: int = 10, fall: float = 0.05):
         self.window, self.fall, self.start_rank = window, fall, sum(ranks(model).values())
         self.losses: list[float] = []
+        self.totals: list[int] = []  # the total rank after each of the last `window` steps
         self.lowest = float("inf")  # the lowest mean of `window` consecutive losses so far
         self.message: str | None = None
 
     def update(self, loss: float, model: nn.Module) -> None:
         self.losses.append(loss)
         w = self.window
+        self.totals = (self.totals + [sum(ranks(model).values())])[-w:]
         if len(self.losses) >= w:
             self.lowest = min(self.lowest, sum(self.losses[-w:]) / w)
         if self.message is not None or len(self.losses) < 3 * w:
@@ -98,7 +102,7 @@ class RankGrowthWatch:
         first, last = sum(self.losses[:w]) / w, sum(self.losses[-w:]) / w
         if last < first or self.lowest > first - self.fall * abs(first):
             return
-        total = sum(ranks(model).values())
+        total = min(self.totals)
         if total > self.start_rank:
             self.message = (f"the training loss is back at its start ({last:.4g}, mean of the last {w} steps; "
                             f"{first:.4g} over the first {w}) after {len(self.losses)} steps while the total "

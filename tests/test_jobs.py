@@ -157,6 +157,12 @@ def test_rank_growth_watch_warns_once_when_the_loss_is_back_at_its_start_while_r
     from helpers import TinyNet
 
     model = geopeft.adapt(TinyNet(), "geolora", targets=["query", "value"], rank=2)
+    cycling = RankGrowthWatch(model, window=2)  # diverging, but each cycle truncates back to the start
+    for i, loss in enumerate((1.0, 0.9, 0.8, 0.7, 0.9, 1.0, 1.1, 1.2)):
+        geopeft.adapters(model)[0][1].resize(4 if i % 2 else 2)
+        cycling.update(loss, model)
+    assert cycling.message is None and not recwarn.list
+    geopeft.adapters(model)[0][1].resize(2)
     slow = RankGrowthWatch(model, window=2)  # a slow start: at its start loss, never lower yet
     for loss in (1.0, 0.9, 0.95, 0.97, 0.96, 0.98):
         slow.update(loss, model)
