@@ -41,10 +41,12 @@ def register_initializers(register):
 def register_methods(register):
     register("geolora", Recipe(
         name="geolora", adapter="usv", rank_controller="geolora", initializer="zero_core",
-        riemannian_grad=False, options={"train_bases": False}, lr=6e-3,
-        description="GeoLoRA: ΔW = s·U·S·Vᵀ, U and V orthonormal, moved only by basis augmentation "
-                    "(QR of [U, G_U S⁻ᵀ]) and singular-value truncation of S (tolerance tau); the "
-                    "optimizer trains S; one backward pass per step"))
+        riemannian_grad=True, moments="keep", options={"train_bases": True}, lr=6e-3,
+        description="GeoLoRA: ΔW = s·U·S·Vᵀ, U and V orthonormal, extended by basis augmentation "
+                    "(QR of [U, G_U S⁻ᵀ]) and cut by singular-value truncation of S (tolerance tau, "
+                    "total rank budget); the optimizer trains S and takes Riemannian steps on U and V "
+                    "(train_bases=False: the paper's, U and V move only by augmentation); one backward "
+                    "pass per step"))
     register("adalora", Recipe(
         name="adalora", adapter="usv", rank_controller="adalora", initializer="zero_core",
         options={"diag_s": True}, lr=3e-3,
