@@ -47,6 +47,7 @@ TARGETS = r"encoder\.encoder\..*\.(query|key|value|dense)"
 METHODS = {  # name: (recipe, adapt options, rank-controller attributes); "lr" in the options pins it
     "lora": ("lora", {}, {}),
     "geolora": ("geolora", {}, {}),
+    "geolora-paper": ("geolora", {"train_bases": False}, {}),  # U, V moved only by augmentation
     "adalora": ("adalora", {}, {}),
     "adalora-r8-t8": ("adalora", {"target_rank": 8}, {}),  # the earlier default: rank 8 = target, no pruning
     # why the ranks grew, one cause at a time (period 10, the earlier default): no bound but τ,
