@@ -56,10 +56,11 @@ class GeoLoRAController(RankController):
     the official GLUE settings; an int caps every layer, min(m, n) at most), `period` (3: short
     runs need the bases refreshed often; see docs),
     `budget` ("initial": the total initial rank Σ r₀, LoRA's at the same rank; an int: that
-    total; None: per-layer τ and r_max only), `train_bases` (True, also the `geolora` recipe's: the
-    optimizer also steps U and V as their manifold says — Riemannian steps on `stiefel`, as
-    StelLA's; False, the paper's: U and V move only by augmentation and truncation, their
-    gradients are taken before the optimizer step — it lags LoRA under Adam, see docs), `damping` (1e-3: S⁻¹ damped to σ/(σ² + (damping·σ_max)²)), `total_steps`
+    total; None: per-layer τ and r_max only), `train_bases` (True, also the `geolora`
+    recipe's: the optimizer also steps U and V as their manifold says — Riemannian steps on
+    `stiefel`, as StelLA's; False, the paper's: U and V move only by augmentation and
+    truncation, their gradients are taken before the optimizer step — it lags LoRA under
+    Adam, see docs), `damping` (1e-3: S⁻¹ damped to σ/(σ² + (damping·σ_max)²)), `total_steps`
     (None; the `train` / `compare` jobs set the run's steps: its last step truncates, whatever
     the period, so the adapter ends at most at the budget — inside a cycle a layer holds up
     to 2r directions).
