@@ -84,7 +84,8 @@ def _add_job_parsers(sub) -> None:
     comp.add_argument("--lr-sweep", action="store_true",
                       help="try sweep.factors x each recipe's lr, keep the best by validation accuracy")
     comp.add_argument("--reuse", action="store_true",
-                      help="take a run from its metrics.json when model, data, training, method and lr match")
+                      help="take a run from its metrics.json when model, data, training, method "
+                           "(its registered recipe too) and lr match")
     comp.set_defaults(func=_job("compare"))
 
 

@@ -316,10 +316,13 @@ def run_key(cfg, method: str, lr: float) -> str:
     """A digest of everything that decides a run's result: task, model, data (the files'
     contents too), adaptation (this recipe's options only), training (not what only shapes
     the record or the memory: progress bar, thread count, eval and checkpoint intervals,
-    gradient checkpointing, how processes share the model), method, lr."""
+    gradient checkpointing, how processes share the model), method — the registered recipe's
+    definition too, so a recipe whose components or options changed is trained again — and lr."""
     import hashlib
 
     from omegaconf import OmegaConf
+
+    from geopeft.registry import get_registry
 
     c = OmegaConf.to_container(cfg, resolve=True)
     train = {k: v for k, v in c["train"].items()
@@ -327,7 +330,10 @@ def run_key(cfg, method: str, lr: float) -> str:
                           "distributed")}
     adapt = dict(c["adapt"], method_options=c["adapt"]["method_options"].get(method, {}))
     files = [_file_digest(c["data"][k]) for k in ("path", "val_path", "test_path") if c["data"][k]]
-    blob = json.dumps([c["task"], c["model"], c["data"], files, adapt, train, method, lr], sort_keys=True)
+    recipe = None if method == FULL else {k: v for k, v in get_registry().get("method", method).to_dict().items()
+                                           if k != "description"}
+    blob = json.dumps([c["task"], c["model"], c["data"], files, adapt, train, method, recipe, lr],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

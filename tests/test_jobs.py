@@ -71,6 +71,25 @@ def test_compare_writes_table_json_and_png(tiny_config, capsys):
     assert json.loads((out / "compare.json").read_text())["summary"] == summary
 
 
+def test_a_changed_recipe_definition_is_not_reused(tiny_config, plugin):
+    from geopeft.jobs.train import run_key
+    from geopeft.registry import get_registry
+
+    cfg = load_config(tiny_config)
+    before = {m: run_key(cfg, m, 1e-3) for m in ("lora", "tiny_stella", "full")}
+    get_registry().unregister_plugin("tiny_recipes")  # the same name, now training its bases differently
+
+    @geopeft.hookimpl
+    def register_methods(register):
+        register("tiny_stella", geopeft.Recipe(name="tiny_stella", adapter="usv", initializer="orthonormal",
+                                               lr=2e-3, riemannian_grad=False))
+
+    plugin(types.SimpleNamespace(register_methods=register_methods), "tiny_recipes_changed")
+    after = {m: run_key(cfg, m, 1e-3) for m in before}
+    assert after["tiny_stella"] != before["tiny_stella"]  # --reuse trains it again
+    assert after["lora"] == before["lora"] and after["full"] == before["full"]
+
+
 def test_bad_key_and_unknown_recipe_fail_before_running(tiny_config, capsys):
     assert main(["compare", str(tiny_config), "train.stepz=4"]) == 2
     err = capsys.readouterr().err
