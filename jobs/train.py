@@ -96,7 +96,7 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128,
     model.eval()
     order = torch.argsort(data.inputs[1].sum(1), stable=True) if data.text else torch.arange(len(data))
     loss_sum, correct = 0.0, torch.zeros(len(data), dtype=torch.int64)
-    predicted = torch.zeros(0, dtype=torch.int64)
+    guesses = torch.zeros(len(data), dtype=torch.int64)
     for i in range(0, len(data), batch_size):
         idx = order[i:i + batch_size]
         inputs, labels = _to(data.batch(idx), device)
@@ -104,10 +104,10 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 128,
         loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
         guess = logits.argmax(-1)
         correct[idx] = (guess == labels).long().cpu()
-        counts = torch.bincount(guess.cpu(), minlength=logits.shape[-1])
-        predicted = counts if not len(predicted) else predicted + counts
+        guesses[idx] = guess.cpu()
     model.train(was_training)
-    return loss_sum / len(data), float(correct.sum()) / len(data), correct.tolist(), predicted.tolist()
+    predicted = torch.bincount(guesses, minlength=logits.shape[-1]).tolist()
+    return loss_sum / len(data), float(correct.sum()) / len(data), correct.tolist(), predicted
 
 
 @torch.no_grad()
