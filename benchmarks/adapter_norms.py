@@ -1,11 +1,11 @@
 """How far each trained adapter moved its layers: ‖ΔW‖_F per layer kind and the largest
 singular value of ΔW, for the adapters a `geopeft compare` (or `train`) run saved.
 
-ΔW is rebuilt from the saved factors with the adapter's scale: s·B·A (`lora`) or
-s·U·S·Vᵀ (`usv`: GeoLoRA, StelLA — for StelLA the initial s·U₀·S₀·V₀ᵀ is folded into the
-base weight at adapt time, so this is not its update; compare LoRA with zero-started
-recipes). Layers are grouped by the last two parts of their name (`self.query`,
-`intermediate.dense`, ...); the norm of a group is the root of the summed squares.
+Each run's model is rebuilt from the `config.yaml` the job wrote beside it (the nearest one
+up the folder tree), its saved adapter loaded (`geopeft.load`), and ΔW taken from each
+adapter's own `delta_weight()` (for StelLA the initial s·U₀·S₀·V₀ᵀ is part of it: compare
+LoRA with zero-started recipes). Layers are grouped by the last two parts of their name
+(`self.query`, `intermediate.dense`, ...); the norm of a group is the root of the summed squares.
 
     .venv/bin/python benchmarks/adapter_norms.py results/minilm/seed0/lora results/minilm/seed0/geolora
 """
@@ -13,32 +13,31 @@ recipes). Layers are grouped by the last two parts of their name (`self.query`,
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from report import environment, write_report
-from safetensors.torch import load_file
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from report import environment, write_report  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+import geopeft  # noqa: E402
+from geopeft.jobs.config import load_config  # noqa: E402
+from geopeft.jobs.models import build_model  # noqa: E402
 
 
 def updates(run: Path) -> dict[str, torch.Tensor]:
-    """{layer: ΔW} of the adapter saved in `run`/adapter (geopeft's layout)."""
-    folder = run / "adapter"
-    meta = json.loads((folder / "geopeft.json").read_text())
-    alpha, rank = float(meta["alpha"]), int(meta["rank"])
-    scale = alpha / rank ** 0.5 if meta.get("rslora") else alpha / rank
-    tensors = load_file(str(folder / "adapter.safetensors"))
-    layers = sorted({k[len("adapters."):].rsplit(".", 1)[0] for k in tensors if k.startswith("adapters.")})
-    out = {}
-    for layer in layers:
-        f = {k.rsplit(".", 1)[1]: v.double() for k, v in tensors.items() if k.startswith(f"adapters.{layer}.")}
-        if {"A", "B"} <= f.keys():
-            out[layer] = scale * f["B"] @ f["A"]
-        elif {"U", "S", "V"} <= f.keys():
-            s = f["S"] if f["S"].dim() == 2 else torch.diag(f["S"])
-            out[layer] = scale * f["U"] @ s @ f["V"].T
-    return out
+    """{layer: ΔW} of the adapter saved in `run`/adapter, on the model its job config builds."""
+    config = next(d / "config.yaml" for d in (run, *run.parents) if (d / "config.yaml").is_file())
+    cfg = load_config(config)
+    with safe_open(str(run / "adapter" / "adapter.safetensors"), "pt") as f:
+        head = [k for k in f.keys() if k.endswith("classifier.weight")]
+        num_labels = f.get_slice(head[0]).get_shape()[0] if head else 2
+    model = geopeft.load(build_model(cfg.model, num_labels, seed=0, task=cfg.task), run / "adapter")
+    with torch.no_grad():
+        return {name: a.delta_weight().double() for name, a in geopeft.adapters(model)}
 
 
 def summary(run: Path) -> dict[str, dict[str, float]]:
