@@ -140,6 +140,18 @@ def test_save_load_resume_and_export_in_peft_layout(base, trained, tmp_path):
         assert torch.allclose(model(ids), expected["b"], atol=1e-5)
 
 
+def test_a_save_without_default_names_its_adapters_when_loaded_whole(base, tmp_path):
+    model = add(add(copy.deepcopy(base), "default"), "b")
+    geopeft.set_adapter(model, "b")
+    geopeft.delete_adapter(model, "default")
+    geopeft.save(model, tmp_path / "only_b")  # PEFT's layout: b in its subfolder, nothing on top
+    with pytest.raises(geopeft.CheckpointError, match=r"adapters b in subfolders.*load\(model, .*'b'\)"):
+        geopeft.load(copy.deepcopy(base), tmp_path / "only_b")
+    twin = geopeft.load(copy.deepcopy(base), tmp_path / "only_b", "b")  # the fix the message names
+    ids = tiny_batch(5)
+    assert geopeft.adapter_names(twin) == ["b"] and torch.equal(twin(ids), model(ids))
+
+
 def test_mixed_batch_runs_each_example_through_its_adapter(base):
     model = geopeft.adapt(copy.deepcopy(base), "stella", targets=A_TARGETS, rank=2, hidden_size=16)
     geopeft.adapt(model, "stella", targets=["query", "ffn.0"], rank=3, hidden_size=16, adapter_name="b")
