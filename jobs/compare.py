@@ -72,15 +72,26 @@ def seeded(cfg, seed: int, **train):
 
 
 def _train(cfg, run: Run, data, reuse: bool, ctx=None) -> dict[str, Any]:
-    """train_run, or with `reuse` the metrics a run of the same key left in run.out."""
+    """train_run, or with `reuse` the metrics a run of the same key left in run.out (or in
+    the other layout's place for it: a sweep takes the seeds' run at the recommended lr)."""
     cfg = seeded(cfg, run.seed)
-    saved = Path(run.out) / "metrics.json"
-    if reuse and saved.is_file():
+    for saved in (Path(where) / "metrics.json" for where in _places(run) if reuse):
+        if not saved.is_file():
+            continue
         m = json.loads(saved.read_text())
         if m.get("run_key") == run_key(cfg, run.method, run.lr) and "test_correct" in m:
             print(f"{run.method:>8}: reusing {saved}")
             return m
     return train_run(cfg, run.method, data, Path(run.out), lr=run.lr, ctx=ctx)
+
+
+def _places(run: Run) -> list[Path]:
+    """run.out, then where the other layout puts the same run: <seed dir>/<method>/ for a
+    swept run, <seed dir>/sweep/<method>-lr<lr>/ for one at its single lr."""
+    out = Path(run.out)
+    if run.swept:
+        return [out, out.parent.parent / run.method]
+    return [out, out.parent / "sweep" / f"{run.method}-lr{run.lr:g}"]
 
 
 _WORKER_DATA: dict | None = None

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from geopeft.errors import ConfigError
-from geopeft.jobs import stats
+from geopeft.jobs import report, stats
 from geopeft.jobs.compare import choose, compare, execute, plan
 from geopeft.jobs.config import load_config
 from geopeft.jobs.models import Encoded
@@ -36,6 +36,20 @@ def data():
 
 def tiny(tmp_path, *extra):
     return load_config(None, TINY + [f"output_dir={tmp_path}", *extra])
+
+
+def test_a_sweep_reuses_the_runs_at_the_recommended_lr(tmp_path, data, capsys, monkeypatch):
+    for figure in ("plot_curves", "plot_lr"):  # drawn by the other tests
+        monkeypatch.setattr(report, figure, lambda *args: None)
+    cfg = tiny(tmp_path, "jobs=1", "full=false", "methods=[stella]", "sweep.lrs=[3e-3,1e-2]")
+    out = compare(cfg, data)  # stella at its recipe lr 3e-3, in <out>/stella/
+    [single] = json.loads((out / "compare.json").read_text())["runs"]
+    capsys.readouterr()
+    compare(cfg, data, lr_sweep=True, reuse=True)
+    assert capsys.readouterr().out.count("reusing") == 1  # lr 3e-3: not trained again
+    runs = {r["lr"]: r for r in json.loads((out / "compare.json").read_text())["runs"]}
+    assert set(runs) == {3e-3, 1e-2} and runs[3e-3]["losses"] == single["losses"]
+    assert not (out / "sweep" / "stella-lr0.003").exists() and (out / "sweep" / "stella-lr0.01").is_dir()
 
 
 def test_seeds_pair_batches_across_recipes_and_sweep_writes_lr_figure(tmp_path, data):
