@@ -226,8 +226,10 @@ def build(cfg, method: str, num_labels: int, lr: float, train: Encoded | None = 
         return model, wrapped, cls([p for p in wrapped.parameters() if p.requires_grad], **kw)
     alpha = cfg.adapt.alpha if cfg.adapt.alpha is not None else 2.0 * cfg.adapt.rank
     options = dict(cfg.adapt.method_options.get(method, {}))
-    if takes_total_steps(method, options):  # AdaLoRA's budget schedule spans the run
+    if component_takes(method, options, "rank_controller", "total_steps"):  # AdaLoRA's schedule spans the run
         options.setdefault("total_steps", cfg.train.steps)
+    if not (cfg.train.progress and ctx.main) and component_takes(method, options, "initializer", "progress"):
+        options.setdefault("progress", False)  # a calibration bar only where the training bar shows
     calib = calibration_batches(cfg, train) if train is not None else None
     if calib:
         calib = [_to(b, ctx.device) for b in calib]
@@ -239,15 +241,16 @@ def build(cfg, method: str, num_labels: int, lr: float, train: Encoded | None = 
     return model, wrapped, geopeft.optimizer(wrapped, cls, **kw)
 
 
-def takes_total_steps(method: str, options: dict[str, Any]) -> bool:
-    """Whether the rank controller `method` uses (after `options`) takes `total_steps`."""
+def component_takes(method: str, options: dict[str, Any], kind: str, parameter: str) -> bool:
+    """Whether the `kind` component ("rank_controller", "initializer") that recipe `method`
+    uses (after `options`) takes `parameter`."""
     from geopeft.registry import get_registry
 
     reg = get_registry()
-    controller = options.get("rank_controller", reg.get("method", method).rank_controller)
-    if not isinstance(controller, str):
+    name = options.get(kind, getattr(reg.get("method", method), kind))
+    if not isinstance(name, str):
         return False
-    return "total_steps" in inspect.signature(reg.get("rank_controller", controller)).parameters
+    return parameter in inspect.signature(reg.get(kind, name)).parameters
 
 
 @dataclass

@@ -90,6 +90,24 @@ def test_a_changed_recipe_definition_is_not_reused(tiny_config, plugin):
     assert after["lora"] == before["lora"] and after["full"] == before["full"]
 
 
+def test_the_run_gives_each_component_the_options_it_takes(tiny_config, tiny_data, monkeypatch):
+    from geopeft.jobs.train import build
+
+    given = {}
+
+    def adapt(model, method, **options):
+        given[method] = options
+        raise StopIteration  # the options are all this test looks at
+    monkeypatch.setattr(geopeft, "adapt", adapt)
+    cfg = load_config(tiny_config)  # train.progress: false, 6 steps
+    for method in ("lora", "adalora", "cglora"):
+        with pytest.raises(StopIteration):
+            build(cfg, method, 2, 1e-3, tiny_data["train"])
+    assert "total_steps" not in given["lora"] and "progress" not in given["lora"]
+    assert given["adalora"]["total_steps"] == 6  # its budget schedule spans the run
+    assert given["cglora"]["progress"] is False  # no calibration bar where the training bar is off
+
+
 def test_bad_key_and_unknown_recipe_fail_before_running(tiny_config, capsys):
     assert main(["compare", str(tiny_config), "train.stepz=4"]) == 2
     err = capsys.readouterr().err
