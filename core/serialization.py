@@ -401,7 +401,7 @@ def _parse_config(directory: Path, data: bytes | None) -> dict[str, Any]:
         if (directory / "adapter_config.json").exists():
             raise CheckpointError(f"{directory} is a PEFT adapter directory, not a geopeft one; load it "
                                   "with peft.PeftModel.from_pretrained")
-        inside = sorted(d.name for d in directory.iterdir() if (d / CONFIG).is_file()) if directory.is_dir() else []
+        inside = sorted(d.name for d in directory.iterdir() if (d / CONFIG).is_file())  # callers checked is_dir
         if inside:  # saved without a "default": each adapter in its own subfolder, no listing
             calls = ", ".join(f"geopeft.load(model, {str(directory)!r}, {n!r})" for n in inside)
             raise CheckpointError(f"{directory} has no {CONFIG} of its own, but holds the geopeft adapters "

@@ -57,9 +57,14 @@ def plan(cfg, out: Path, lr_sweep: bool) -> list[Run]:
         for seed in seeds:
             base = out / f"seed{seed}" if len(seeds) > 1 else out
             for lr in lrs:
-                where = base / "sweep" / f"{method}-lr{lr:g}" if swept else base / method
-                runs.append(Run(method, seed, lr, str(where), swept))
+                runs.append(Run(method, seed, lr, str(run_dir(base, method, lr, swept)), swept))
     return runs
+
+
+def run_dir(base: Path, method: str, lr: float, swept: bool) -> Path:
+    """Where a run writes, under its seed's directory `base`: <method>/ at its single lr,
+    sweep/<method>-lr<lr>/ as a point of an lr sweep."""
+    return base / "sweep" / f"{method}-lr{lr:g}" if swept else base / method
 
 
 def seeded(cfg, seed: int, **train):
@@ -86,12 +91,9 @@ def _train(cfg, run: Run, data, reuse: bool, ctx=None) -> dict[str, Any]:
 
 
 def _places(run: Run) -> list[Path]:
-    """run.out, then where the other layout puts the same run: <seed dir>/<method>/ for a
-    swept run, <seed dir>/sweep/<method>-lr<lr>/ for one at its single lr."""
-    out = Path(run.out)
-    if run.swept:
-        return [out, out.parent.parent / run.method]
-    return [out, out.parent / "sweep" / f"{run.method}-lr{run.lr:g}"]
+    """run.out, then where the other layout (`run_dir`, swept or not) puts the same run."""
+    base = Path(run.out).parent.parent if run.swept else Path(run.out).parent
+    return [Path(run.out), run_dir(base, run.method, run.lr, not run.swept)]
 
 
 _WORKER_DATA: dict | None = None
