@@ -11,7 +11,7 @@ from .train import FULL
 
 COLUMNS = [  # (key, header)
     ("method", "method"), ("lr", "lr"), ("test_acc", "test acc"), ("gap_to_full", "gap to full"),
-    ("val_acc", "val acc"), ("step_time_vs_lora", "step time vs LoRA"),
+    ("val_acc", "val acc"), ("step_time_vs_lora", "step time vs LoRA"), ("cpu_time", "CPU-s per run"),
     ("total_rank", "total rank"), ("trainable_params", "trainable params"),
     ("optimizer_state_bytes", "optimizer state"),
     ("violation", "invariant violation"),
@@ -30,8 +30,8 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per recipe (`compare.choose`'s results): accuracy as the mean over seeds,
     with a 95% interval and a paired verdict against LoRA from two seeds on; gap to full
-    fine-tuning (points), step time / LoRA's, sizes; the lr range within 1 point of the
-    best for a swept recipe."""
+    fine-tuning (points), step time / LoRA's, CPU-seconds per run [lowest, highest], sizes;
+    the lr range within 1 point of the best for a swept recipe."""
     by = {r["method"]: r for r in results}
     lora = by.get("lora")
     lora_time = statistics.median(m["step_time"] for m in lora["runs"]) if lora else None
@@ -46,6 +46,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lm = {k: _mean_or_none([m.get(k) for m in runs]) for k in ("test_loss", "test_ppl")}
         step_time = statistics.median(m["step_time"] for m in runs)
         violations = [m["violation"] for m in runs if m["violation"] is not None]
+        cpu = [m["cpu_time"] for m in runs if m.get("cpu_time") is not None]
         ranks = [sum(m["ranks"].values()) for m in runs if m.get("ranks")]
         sweep = r.get("sweep")
         rows.append({
@@ -56,6 +57,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "gap_to_full": None if full_acc is None or acc is None else 100.0 * (acc - full_acc),
             **(lm if lm["test_ppl"] is not None else {}),
             "step_time": step_time, "step_time_vs_lora": step_time / lora_time if lora_time else None,
+            "cpu_time": [min(cpu), max(cpu)] if cpu else None,
             "total_rank": round(_mean(ranks)) if ranks else None,
             "trainable_params": runs[0]["trainable_params"],
             "optimizer_state_bytes": max(m["optimizer_state_bytes"] for m in runs),
@@ -108,6 +110,9 @@ def _cell(key: str, row: dict[str, Any]) -> str:
         return f"{value:.4f}"
     if key == "step_time_vs_lora":
         return f"{value:.2f}×"
+    if key == "cpu_time":
+        low, high = (f"{v:,.0f}" for v in value)
+        return low if low == high else f"{low}–{high}"
     if key == "trainable_params":
         return f"{value:,}"
     if key == "optimizer_state_bytes":
@@ -174,7 +179,9 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict
              + (f" (first {cfg.data.max_eval} examples)" if cfg.data.max_eval else "")
              + "; gap to full: test acc minus full fine-tuning's, in points; val acc: the "
                "validation split at the last step; step time vs LoRA: median time of one training "
-               "step (forward, backward, optimizer) over LoRA's; total rank: the adapters' ranks summed at the "
+               "step (forward, backward, optimizer) over LoRA's, wall time (a machine busy with other work "
+               "skews it); CPU-s per run: the run's own CPU time, setup and evaluations included "
+               "(lowest–highest over the seeds), which other load barely changes; total rank: the adapters' ranks summed at the "
                "end (rank-adaptive recipes change it); optimizer state: bytes of every "
                "tensor the optimizer keeps; invariant violation: the largest distance of a factor "
                "from its manifold at the end (— for Euclidean factors only). See docs/compare.md.\n")

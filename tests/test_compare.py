@@ -71,8 +71,11 @@ def test_seeds_pair_batches_across_recipes_and_sweep_writes_lr_figure(tmp_path, 
     best = max([1e-3, 4e-3], key=lambda lr: sum(r["val_acc"] for r in runs
                                                if r["method"] == "stella" and r["lr"] == lr))
     assert rows["stella"]["lr"] == best and rows["stella"]["lr_range"]["best_lr"] == best
+    stella_cpu = [r["cpu_time"] for r in runs if r["method"] == "stella" and r["lr"] == best]
+    assert rows["stella"]["cpu_time"] == [min(stella_cpu), max(stella_cpu)] and min(stella_cpu) > 0
     table = (out / "compare.md").read_text()
     assert "| verdict |" in table and "within 1 pt of best" in table and "one seed" not in table
+    assert "| CPU-s per run |" in table
     for name in ("compare.png", "compare_lr.png"):
         with Image.open(out / name) as img:
             img.load()
