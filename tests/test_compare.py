@@ -16,6 +16,7 @@ from geopeft.jobs.compare import choose, compare, execute, plan
 from geopeft.jobs.config import load_config
 from geopeft.jobs.models import Encoded
 from geopeft.jobs.report import summarize
+from geopeft.jobs.train import resolve_lr
 
 TINY = ["methods=[lora,stella]", "model.kind=bert", "model.hidden_size=16", "model.layers=1",
         "model.heads=2", "model.intermediate_size=32", "adapt.targets=[query,value]", "adapt.rank=2",
@@ -41,15 +42,16 @@ def tiny(tmp_path, *extra):
 def test_a_sweep_reuses_the_runs_at_the_recommended_lr(tmp_path, data, capsys, monkeypatch):
     for figure in ("plot_curves", "plot_lr"):  # drawn by the other tests
         monkeypatch.setattr(report, figure, lambda *args: None)
-    cfg = tiny(tmp_path, "jobs=1", "full=false", "methods=[stella]", "sweep.lrs=[3e-3,1e-2]")
-    out = compare(cfg, data)  # stella at its recipe lr 3e-3, in <out>/stella/
+    lr = resolve_lr(tiny(tmp_path), "stella")[0]  # the recipe's recommended lr
+    cfg = tiny(tmp_path, "jobs=1", "full=false", "methods=[stella]", f"sweep.lrs=[{lr},1e-2]")
+    out = compare(cfg, data)  # stella at its recipe lr, in <out>/stella/
     [single] = json.loads((out / "compare.json").read_text())["runs"]
     capsys.readouterr()
     compare(cfg, data, lr_sweep=True, reuse=True)
-    assert capsys.readouterr().out.count("reusing") == 1  # lr 3e-3: not trained again
+    assert capsys.readouterr().out.count("reusing") == 1  # the recipe lr: not trained again
     runs = {r["lr"]: r for r in json.loads((out / "compare.json").read_text())["runs"]}
-    assert set(runs) == {3e-3, 1e-2} and runs[3e-3]["losses"] == single["losses"]
-    assert not (out / "sweep" / "stella-lr0.003").exists() and (out / "sweep" / "stella-lr0.01").is_dir()
+    assert set(runs) == {lr, 1e-2} and runs[lr]["losses"] == single["losses"]
+    assert not (out / "sweep" / f"stella-lr{lr:g}").exists() and (out / "sweep" / "stella-lr0.01").is_dir()
 
 
 def test_seeds_pair_batches_across_recipes_and_sweep_writes_lr_figure(tmp_path, data):
