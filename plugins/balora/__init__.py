@@ -26,8 +26,8 @@ def register_methods(register):
     register("balora", Recipe(
         name="balora", adapter="lora", manifolds={"B,A": "balanced"}, initializer="lora",
         project_every=1,
-        # 3e-3 won the 200-step sweep but collapses at the default 400 steps (69% vs 81% at
-        # 1e-3, docs/benchmarks.md § the full default comparison): 1e-3 holds at both budgets
+        # 3e-3 won a one-seed 200-step sweep but fell to 69% at the default 400 steps (81% at
+        # 1e-3, docs/benchmarks.md, the lr sweep): 1e-3 holds at both budgets
         lr=1e-3,
         description="BaLoRA: LoRA whose pairs (B, A) are balanced (BᵀB = AAᵀ, same BA) "
                     "after every project_every-th step"))
