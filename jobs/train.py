@@ -320,7 +320,8 @@ def run_key(cfg, method: str, lr: float) -> str:
     contents too), adaptation (this recipe's options only), training (not what only shapes
     the record or the memory: progress bar, thread count, eval and checkpoint intervals,
     gradient checkpointing, how processes share the model), method — the registered recipe's
-    definition too, so a recipe whose components or options changed is trained again — and lr."""
+    definition too, so a recipe whose components or options changed is trained again, but not
+    its recommended lr, which only picks a run's lr — and the run's lr."""
     import hashlib
 
     from omegaconf import OmegaConf
@@ -334,7 +335,7 @@ def run_key(cfg, method: str, lr: float) -> str:
     adapt = dict(c["adapt"], method_options=c["adapt"]["method_options"].get(method, {}))
     files = [_file_digest(c["data"][k]) for k in ("path", "val_path", "test_path") if c["data"][k]]
     recipe = None if method == FULL else {k: v for k, v in get_registry().get("method", method).to_dict().items()
-                                           if k != "description"}
+                                           if k not in ("description", "lr")}
     blob = json.dumps([c["task"], c["model"], c["data"], files, adapt, train, method, recipe, lr],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -89,6 +89,17 @@ def test_a_changed_recipe_definition_is_not_reused(tiny_config, plugin):
     assert after["tiny_stella"] != before["tiny_stella"]  # --reuse trains it again
     assert after["lora"] == before["lora"] and after["full"] == before["full"]
 
+    get_registry().unregister_plugin("tiny_recipes_changed")  # only the recommended lr changed
+
+    @geopeft.hookimpl
+    def register_methods(register):  # noqa: F811
+        register("tiny_stella", geopeft.Recipe(name="tiny_stella", adapter="usv",
+                                               initializer="orthonormal", lr=5e-3))
+
+    plugin(types.SimpleNamespace(register_methods=register_methods), "tiny_recipes_new_lr")
+    assert run_key(cfg, "tiny_stella", 1e-3) == before["tiny_stella"]  # a run at 1e-3 is the same run
+    assert run_key(cfg, "tiny_stella", 5e-3) != before["tiny_stella"]
+
 
 def test_the_run_gives_each_component_the_options_it_takes(tiny_config, tiny_data, monkeypatch):
     from geopeft.jobs.train import build
