@@ -196,7 +196,9 @@ def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[
         best = max(sorted(by_lr), key=lambda lr: mean[lr])
         sweep = [{"lr": lr, "val_acc": mean[lr],
                   "test_acc": sum(m["test_acc"] for m in by_lr[lr]) / len(by_lr[lr]),
-                  "val_accs": [m["val_acc"] for m in by_lr[lr]]} for lr in sorted(by_lr)]
+                  "seeds": [m["seed"] for m in by_lr[lr]],
+                  "val_accs": [m["val_acc"] for m in by_lr[lr]],
+                  "test_accs": [m["test_acc"] for m in by_lr[lr]]} for lr in sorted(by_lr)]
         out.append({"method": method, "lr": best, "runs": by_lr[best],
                     "sweep": sweep if method in swept else None})
     return out

@@ -156,6 +156,32 @@ def sweep_table(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
             + "\n".join(lines) + "\n")
 
 
+def _test_val(test: float, val: float | None) -> str:
+    return f"{100 * test:.2f}" + ("" if val is None else f" ({100 * val:.2f})")
+
+
+def seed_table(results: list[dict[str, Any]]) -> str:
+    """Test (validation) accuracy of every run, one column per seed, one row per recipe and
+    lr tried (a swept recipe's kept lr in bold); empty with one seed."""
+    points = []  # (method, lr, kept, {seed: (test, val)})
+    for r in results:
+        for t in r.get("sweep") or [{"lr": r["lr"], "seeds": [m["seed"] for m in r["runs"]],
+                                     "test_accs": [m["test_acc"] for m in r["runs"]],
+                                     "val_accs": [m["val_acc"] for m in r["runs"]]}]:
+            points.append((r["method"], t["lr"], t["lr"] == r["lr"] and bool(r.get("sweep")),
+                           dict(zip(t["seeds"], zip(t["test_accs"], t["val_accs"])))))
+    seeds = sorted({s for *_, by in points for s in by})
+    if len(seeds) < 2 or any(test is None for *_, by in points for test, _ in by.values()):
+        return ""
+    lines = ["| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "| --- |" + " ---: |" * (len(seeds) + 1)]
+    for method, lr, kept, by in points:
+        cells = [_test_val(*by[s]) if s in by else "—" for s in seeds]
+        lines.append(f"| {method} | {f'**{lr:g}**' if kept else f'{lr:g}'} | " + " | ".join(cells) + " |")
+    return ("\n\n## Per seed\n\ntest accuracy % (validation accuracy %) of each run; a swept "
+            "recipe has a row per lr tried, the kept one in bold\n\n" + "\n".join(lines) + "\n")
+
+
 def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict[str, Any]] = ()) -> str:
     lr_note = ("each recipe's lr chosen from its grid by validation accuracy" if lr_sweep
                else "lr: train.lr, else the recipe's recommended lr, else train.default_lr; "
@@ -187,7 +213,8 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict
                "from its manifold at the end (— for Euclidean factors only). See docs/compare.md.\n")
     warned = [f"- **{r['method']}**: {r['warning']}" for r in results if r.get("warning")]
     warnings = "\n\n## Warnings\n\n" + "\n".join(warned) + "\n" if warned else ""
-    return head + table(rows) + notes + warnings + sweep_table(list(results), rows)
+    return (head + table(rows) + notes + warnings + sweep_table(list(results), rows)
+            + seed_table(list(results)))
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

@@ -78,6 +78,13 @@ def test_seeds_pair_batches_across_recipes_and_sweep_writes_lr_figure(tmp_path, 
     table = (out / "compare.md").read_text()
     assert "| verdict |" in table and "within 1 pt of best" in table and "one seed" not in table
     assert "| CPU-s per run |" in table
+    per_seed = table.split("## Per seed")[1]  # every run, swept lrs included, by seed
+    for lr in (1e-3, 4e-3):
+        by_seed = {r["seed"]: r for r in runs if r["method"] == "stella" and r["lr"] == lr}
+        cells = " | ".join(f"{100 * by_seed[s]['test_acc']:.2f} ({100 * by_seed[s]['val_acc']:.2f})"
+                           for s in (0, 1))
+        assert f"{lr:g}{'**' * (lr == best)} | {cells} |" in per_seed
+    assert f"| full | {rows['full']['lr']:g} |" in per_seed
     for name in ("compare.png", "compare_lr.png"):
         with Image.open(out / name) as img:
             img.load()
