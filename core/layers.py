@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geopeft.kernels.lora import unviewed
+
 logger = logging.getLogger("geopeft")
 
 
@@ -115,7 +117,7 @@ class LinearOps(LayerOps):
             return super().add_lowered(base_out, h, b, alpha)
         m = base_out.shape[-1]
         out = torch.addmm(base_out.reshape(-1, m), h.reshape(-1, h.shape[-1]), b.t(), alpha=alpha)
-        return out.view(base_out.shape)
+        return unviewed(out, base_out.shape)
 
 
 class Conv1DOps(LinearOps):

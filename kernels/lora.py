@@ -56,6 +56,14 @@ def expand_(y: Tensor, h: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
     return y.addmm_(h, b.mT, alpha=scale)
 
 
+def unviewed(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """t (contiguous) reshaped to `shape` without autograd's view tracking, as torch's own
+    linear and matmul return their folded products: an in-place op on the result (a
+    ReLU(inplace=True) after the layer, `out += residual`) then works, where a view made
+    inside a custom Function raises, and FSDP2 keeps its pre-backward hook."""
+    return t if t.shape == shape else torch.ops.aten._unsafe_view(t, shape)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """forward(x, weight, bias, A, B, scaling); see the module docstring."""
 
@@ -74,7 +82,7 @@ class LoRALinearFunction(torch.autograd.Function):
             expand_(y, h, B, scaling)
         ctx.save_for_backward(x2, h, weight, A, B)
         ctx.scaling, ctx.shape, ctx.has_bias = scaling, shape, bias is not None
-        return y.view(*shape[:-1], m)
+        return unviewed(y, (*shape[:-1], m))
 
     @staticmethod
     def backward(ctx, dy: Tensor):

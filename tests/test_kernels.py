@@ -92,6 +92,28 @@ def test_saved_bytes_at_most_peft(tokens):
     assert 0 < mine <= peft_bytes
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # the fused function, the unfused add_lowered
+@pytest.mark.parametrize("shape", [(4, 12), (2, 3, 12)])
+def test_an_in_place_op_after_the_layer_works_and_changes_no_gradient(dropout, shape):
+    """Linear → ReLU(inplace=True), as in torchvision's VGG and AlexNet classifiers: the
+    adapted layer's output is no view (one made in a custom Function raises on in-place
+    use), and the gradients equal those through an out-of-place ReLU."""
+    def run(inplace):
+        torch.manual_seed(0)
+        model = geopeft.adapt(nn.Sequential(nn.Linear(12, 10), nn.ReLU(inplace=inplace)), "lora",
+                              targets=["0"], rank=3, dropout=dropout)
+        adapter = geopeft.adapters(model)[0][1]
+        with torch.no_grad():
+            adapter.B.normal_()
+        out = model(torch.randn(shape))
+        out.square().sum().backward()
+        assert not out._is_view()
+        return out, [adapter.A.grad, adapter.B.grad]
+
+    (out, grads), (ref, ref_grads) = run(True), run(False)
+    assert torch.equal(out, ref) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+
+
 def test_fused_path_falls_back_where_it_does_not_apply():
     model, adapter = _adapted_linear(torch.float32)
     x = torch.randn(4, 12)
