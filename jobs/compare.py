@@ -175,7 +175,8 @@ def execute(cfg, data, runs: Sequence[Run], reuse: bool = False, ctx=None) -> li
 
 
 def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per recipe (plan order): {method, lr, runs (one per seed, seed order), sweep}. A swept
+    """Per recipe (plan order): {method, lr, runs (one per seed, seed order), sweep, warnings
+    (every run's, swept lrs included: `_warnings`)}. A swept
     recipe keeps the lr of best mean validation accuracy over the seeds (first of equals:
     the smaller lr); the test split is never looked at to choose."""
     grouped: dict[str, dict[float, list[dict[str, Any]]]] = {}
@@ -190,7 +191,8 @@ def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[
                 raise ConfigError("--lr-sweep chooses by validation accuracy: give the causal_lm "
                                   "validation rows choices / answer to score")
             lr, ms = next(iter(by_lr.items()))
-            out.append({"method": method, "lr": lr, "runs": ms, "sweep": None})
+            out.append({"method": method, "lr": lr, "runs": ms, "sweep": None,
+                        "warnings": _warnings(by_lr)})
             continue
         mean = {lr: sum(m["val_acc"] for m in ms) / len(ms) for lr, ms in by_lr.items()}
         best = max(sorted(by_lr), key=lambda lr: mean[lr])
@@ -200,8 +202,14 @@ def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[
                   "val_accs": [m["val_acc"] for m in by_lr[lr]],
                   "test_accs": [m["test_acc"] for m in by_lr[lr]]} for lr in sorted(by_lr)]
         out.append({"method": method, "lr": best, "runs": by_lr[best],
-                    "sweep": sweep if method in swept else None})
+                    "sweep": sweep if method in swept else None, "warnings": _warnings(by_lr)})
     return out
+
+
+def _warnings(by_lr: dict[float, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """{seed, lr, warning} of every run of one recipe that warned, at every lr tried."""
+    return [{"seed": m["seed"], "lr": lr, "warning": m["warning"]}
+            for lr in sorted(by_lr) for m in by_lr[lr] if m.get("warning")]
 
 
 def compare(cfg, data, lr_sweep: bool = False, reuse: bool = False, ctx=None) -> Path:

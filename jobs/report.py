@@ -211,7 +211,8 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict
                "end (rank-adaptive recipes change it); optimizer state: bytes of every "
                "tensor the optimizer keeps; invariant violation: the largest distance of a factor "
                "from its manifold at the end (— for Euclidean factors only). See docs/compare.md.\n")
-    warned = [f"- **{r['method']}**: {r['warning']}" for r in results if r.get("warning")]
+    warned = [f"- **{r['method']}**, seed {w['seed']}, lr {w['lr']:g}: {w['warning']}"
+              for r in results for w in r.get("warnings", ())]
     warnings = "\n\n## Warnings\n\n" + "\n".join(warned) + "\n" if warned else ""
     return (head + table(rows) + notes + warnings + sweep_table(list(results), rows)
             + seed_table(list(results)))

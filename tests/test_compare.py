@@ -106,10 +106,15 @@ def test_one_seed_gives_no_interval_and_says_so(tmp_path, data):
 
     cfg = tiny(tmp_path, "full=false", "jobs=1")
     runs = plan(cfg, tmp_path, lr_sweep=False)
-    results = choose(runs, execute(cfg, data, runs))
+    metrics = execute(cfg, data, runs)
+    metrics[1]["warning"] = "it learned only the class prior"  # as train_run's check words it
+    results = choose(runs, metrics)
     rows = summarize(results)
     assert all(r["test_acc_ci95"] is None and r["vs_lora"] is None for r in rows)
-    assert "one seed: no verdict" in markdown(cfg, rows, False, results)
+    table = markdown(cfg, rows, False, results)
+    assert "one seed: no verdict" in table
+    assert (f"## Warnings\n\n- **{runs[1].method}**, seed 0, lr {runs[1].lr:g}: it learned only the "
+            "class prior\n") in table and table.count("\n- **") == 1
 
 
 def _flip(x: np.ndarray, rows_frac: list[float], rng) -> np.ndarray:
