@@ -175,8 +175,9 @@ def execute(cfg, data, runs: Sequence[Run], reuse: bool = False, ctx=None) -> li
 
 
 def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per recipe (plan order): {method, lr, runs (one per seed, seed order), sweep, warnings
-    (every run's, swept lrs included: `_warnings`)}. A swept
+    """Per recipe (plan order): {method, lr, runs (one per seed, seed order), points (per lr
+    tried: mean and per-seed accuracies), sweep (points, for a swept recipe), warnings (every
+    run's, swept lrs included: `_warnings`)}. A swept
     recipe keeps the lr of best mean validation accuracy over the seeds (first of equals:
     the smaller lr); the test split is never looked at to choose."""
     grouped: dict[str, dict[float, list[dict[str, Any]]]] = {}
@@ -196,13 +197,13 @@ def choose(runs: Sequence[Run], metrics: Sequence[dict[str, Any]]) -> list[dict[
             continue
         mean = {lr: sum(m["val_acc"] for m in ms) / len(ms) for lr, ms in by_lr.items()}
         best = max(sorted(by_lr), key=lambda lr: mean[lr])
-        sweep = [{"lr": lr, "val_acc": mean[lr],
-                  "test_acc": sum(m["test_acc"] for m in by_lr[lr]) / len(by_lr[lr]),
-                  "seeds": [m["seed"] for m in by_lr[lr]],
-                  "val_accs": [m["val_acc"] for m in by_lr[lr]],
-                  "test_accs": [m["test_acc"] for m in by_lr[lr]]} for lr in sorted(by_lr)]
-        out.append({"method": method, "lr": best, "runs": by_lr[best],
-                    "sweep": sweep if method in swept else None, "warnings": _warnings(by_lr)})
+        points = [{"lr": lr, "val_acc": mean[lr],
+                   "test_acc": sum(m["test_acc"] for m in by_lr[lr]) / len(by_lr[lr]),
+                   "seeds": [m["seed"] for m in by_lr[lr]],
+                   "val_accs": [m["val_acc"] for m in by_lr[lr]],
+                   "test_accs": [m["test_acc"] for m in by_lr[lr]]} for lr in sorted(by_lr)]
+        out.append({"method": method, "lr": best, "runs": by_lr[best], "points": points,
+                    "sweep": points if method in swept else None, "warnings": _warnings(by_lr)})
     return out
 
 

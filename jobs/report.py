@@ -162,16 +162,13 @@ def _test_val(test: float, val: float | None) -> str:
 
 def seed_table(results: list[dict[str, Any]]) -> str:
     """Test (validation) accuracy of every run, one column per seed, one row per recipe and
-    lr tried (a swept recipe's kept lr in bold); empty with one seed."""
-    points = []  # (method, lr, kept, {seed: (test, val)})
-    for r in results:
-        for t in r.get("sweep") or [{"lr": r["lr"], "seeds": [m["seed"] for m in r["runs"]],
-                                     "test_accs": [m["test_acc"] for m in r["runs"]],
-                                     "val_accs": [m["val_acc"] for m in r["runs"]]}]:
-            points.append((r["method"], t["lr"], t["lr"] == r["lr"] and bool(r.get("sweep")),
-                           dict(zip(t["seeds"], zip(t["test_accs"], t["val_accs"])))))
+    lr tried (a swept recipe's kept lr in bold); empty with one seed. A recipe scored by loss
+    only (a causal LM without answers: no `points`) gets no row."""
+    points = [(r["method"], t["lr"], t["lr"] == r["lr"] and bool(r["sweep"]),
+               dict(zip(t["seeds"], zip(t["test_accs"], t["val_accs"]))))
+              for r in results if r.get("points") for t in r["points"]]  # (method, lr, kept, {seed: (test, val)})
     seeds = sorted({s for *_, by in points for s in by})
-    if len(seeds) < 2 or any(test is None for *_, by in points for test, _ in by.values()):
+    if len(seeds) < 2:
         return ""
     lines = ["| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "| --- |" + " ---: |" * (len(seeds) + 1)]
