@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 
 from . import report
 from .config import to_yaml
-from .train import FULL, resolve_lr, run_key, train_run
+from .train import FULL, code_digest, resolve_lr, run_key, train_run
 
 
 def lr_grid(cfg, method: str) -> list[float]:
@@ -86,8 +87,21 @@ def _train(cfg, run: Run, data, reuse: bool, ctx=None) -> dict[str, Any]:
         m = json.loads(saved.read_text())
         if m.get("run_key") == run_key(cfg, run.method, run.lr) and "test_correct" in m:
             print(f"{run.method:>8}: reusing {saved}")
-            return m
+            return _code_checked(m, run.method, saved)
     return train_run(cfg, run.method, data, Path(run.out), lr=run.lr, ctx=ctx)
+
+
+def _code_checked(m: dict[str, Any], method: str, saved: Path) -> dict[str, Any]:
+    """A reused run's metrics, with a warning (in compare.md's Warnings) when its recipe's
+    component code (`code_digest`) differs from this checkout's: the run is kept, not retrained."""
+    now = code_digest(method)
+    if m.get("code") == now:
+        return m
+    was = f"other code ({m['code']})" if m.get("code") else "code older than the record of it"
+    note = (f"reused from {saved}, trained by {was} of {method}'s components (now {now}); "
+            "run without --reuse to retrain it")
+    print(f"warning: {note}", file=sys.stderr)
+    return {**m, "warning": "; ".join(w for w in (m.get("warning"), note) if w)}
 
 
 def _places(run: Run) -> list[Path]:

@@ -341,6 +341,31 @@ def run_key(cfg, method: str, lr: float) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def code_digest(method: str) -> str | None:
+    """A digest of the source files that define `method`'s components (adapter, manifolds,
+    gradient transforms, rank controller, initializer), recorded in metrics.json: `compare
+    --reuse` warns when a run was trained by other code of them. None for full fine-tuning.
+    What every recipe shares (core's step, layers, kernels; this job) is not in it: a change
+    there is for the reader of the diff to judge, not a reason to doubt one recipe's runs."""
+    if method == FULL:
+        return None
+    import hashlib
+
+    from geopeft.registry import get_registry
+
+    reg = get_registry()
+    recipe = reg.get("method", method)
+    adapter = reg.get("adapter", recipe.adapter)
+    named = [("manifold", n) for n in {**adapter.default_manifolds, **recipe.manifolds}.values()]
+    named += [("gradient_transform", n) for n in recipe.transforms]
+    named += [("rank_controller", recipe.rank_controller), ("initializer", recipe.initializer)]
+    files = sorted({f for c in [adapter, *(reg.get(k, n) for k, n in named)] if (f := inspect.getsourcefile(c))})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = None,
               resume: bool = False, checkpoint: bool = False,
               on_step: Callable[[int], None] | None = None,
@@ -362,6 +387,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
     if t.threads:
         torch.set_num_threads(t.threads)
     lr = lr if lr is not None else resolve_lr(cfg, method)[0]
+    code = code_digest(method)
     causal = cfg.task == "causal_lm"
     classes = getattr(data, "classes", ())
     num_labels = 0 if causal else len(classes) or int(max(int(d.labels.max()) for d in data.values()) + 1)
@@ -429,7 +455,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
     timed = run.step_times[3:] or run.step_times
     metrics = {
         "task": cfg.task, "method": method, "lr": lr, "steps": t.steps, "seed": t.seed,
-        "run_key": run_key(cfg, method, lr), "batches": order.digest(t.steps),
+        "run_key": run_key(cfg, method, lr), "code": code, "batches": order.digest(t.steps),
         "test_acc": got["acc"], "test_loss": got["loss"], "test_correct": got["correct"],
         "val_acc": run.evals[-1]["val_acc"] if run.evals else None,
         "val_loss": run.evals[-1]["val_loss"] if run.evals else None,

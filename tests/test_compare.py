@@ -208,3 +208,56 @@ def test_workers_exit_when_the_compare_process_is_killed(tmp_path):
     if alive(worker):
         os.kill(worker, signal.SIGKILL)
         pytest.fail(f"worker {worker} still running 10 s after its compare was killed")
+
+
+def test_reuse_warns_when_a_recipe_s_component_code_changed(tmp_path, data, capsys, monkeypatch):
+    from geopeft.jobs import compare as compare_module
+    from geopeft.jobs.train import code_digest
+
+    for figure in ("plot_curves", "plot_lr"):
+        monkeypatch.setattr(report, figure, lambda *args: None)
+    cfg = tiny(tmp_path, "jobs=1", "full=false", "methods=[stella]")
+    out = compare(cfg, data)
+    [run] = json.loads((out / "compare.json").read_text())["runs"]
+    assert run["code"] == code_digest("stella") and "Warnings" not in (out / "compare.md").read_text()
+    monkeypatch.setattr(compare_module, "code_digest", lambda method: "0" * 16)  # stella's files edited
+    capsys.readouterr()
+    compare(cfg, data, reuse=True)
+    assert capsys.readouterr().out.count("reusing") == 1  # kept, not retrained ...
+    [again] = json.loads((out / "compare.json").read_text())["runs"]
+    assert again["losses"] == run["losses"]
+    warned = (out / "compare.md").read_text().split("## Warnings")[1]  # ... and said so
+    assert f"trained by other code ({run['code']}) of stella's components" in warned
+    assert "run without --reuse to retrain it" in warned
+
+
+def test_the_code_digest_follows_the_files_that_define_a_recipe_s_components(tmp_path, plugin, monkeypatch):
+    import importlib
+    import types
+
+    import geopeft
+    from geopeft.jobs.train import code_digest
+
+    assert code_digest("full") is None
+    assert code_digest("rslora") == code_digest("lora")  # same components, options aside
+    assert len({code_digest(m) for m in ("lora", "stella", "lorapro", "balora", "geolora")}) == 5
+    source = tmp_path / "my_init.py"
+    source.write_text("from geopeft.builtins import LoRAInit\n\n\n"
+                      "class MyInit(LoRAInit):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("my_init")
+
+    @geopeft.hookimpl
+    def register_initializers(register):
+        register("my_init", module.MyInit)
+
+    @geopeft.hookimpl
+    def register_methods(register):
+        register("my_lora", geopeft.Recipe(name="my_lora", initializer="my_init"))
+
+    plugin(types.SimpleNamespace(register_initializers=register_initializers,
+                                 register_methods=register_methods), "my_plugin")
+    before = code_digest("my_lora")
+    assert before != code_digest("lora")
+    source.write_text(source.read_text() + "    # a change to the initializer\n")
+    assert code_digest("my_lora") != before
