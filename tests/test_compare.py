@@ -261,3 +261,26 @@ def test_the_code_digest_follows_the_files_that_define_a_recipe_s_components(tmp
     assert before != code_digest("lora")
     source.write_text(source.read_text() + "    # a change to the initializer\n")
     assert code_digest("my_lora") != before
+
+
+def test_archived_runs_are_reused_and_give_the_same_table(tmp_path, data, capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    for figure in ("plot_curves", "plot_lr"):
+        monkeypatch.setattr(report, figure, lambda *args: None)
+    script = Path(__file__).parents[1] / "benchmarks" / "archive_runs.py"
+    spec = importlib.util.spec_from_file_location("archive_runs", script)
+    archive_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archive_runs)
+    extra = ["jobs=1", "full=false", "seeds=[0,1]", "run=task"]
+    out = compare(tiny(tmp_path / "trained", *extra), data)
+    kept = archive_runs.archive(out, tmp_path / "archive" / "task")
+    assert len(kept) == 4  # (lora, stella) × 2 seeds
+    assert all("val_predicted" not in e for p in kept for e in json.loads(p.read_text())["evals"])
+    capsys.readouterr()
+    again = compare(tiny(tmp_path / "archive", *extra), data, reuse=True)
+    assert capsys.readouterr().out.count("reusing") == 4  # nothing trained
+    summary = [json.loads((d / "compare.json").read_text())["summary"] for d in (out, again)]
+    assert summary[0] == summary[1]
+    assert (again / "compare.md").read_text() == (out / "compare.md").read_text()
