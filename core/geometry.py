@@ -91,6 +91,23 @@ def max_violation(adapters: Sequence[Adapter]) -> float:
     return worst
 
 
+def kept_violation(adapters: Sequence[Adapter]) -> tuple[float, int]:
+    """(the largest violation over the factors each manifold keeps on it, how many factors
+    — a coupled tuple counts once — its `project` leaves off by design): the invariant the
+    method promises. A factor is off by design where `Manifold.initial_violation` gives 0 and
+    `violation` does not (BaLoRA's pairs whose product BA has numerical rank < r)."""
+    worst, off = 0.0, 0
+    for group in factor_groups(adapters):
+        if group.manifold.is_euclidean:
+            continue
+        with torch.no_grad():
+            x = group.stacked()
+            kept = group.manifold.initial_violation(x)
+            designed = (kept == 0) & (group.manifold.violation(x) > 0)
+        worst, off = max(worst, float(kept.max())), off + int(designed.sum())
+    return worst, off
+
+
 def check_initial_points(named: Sequence[tuple[str, Adapter]], initializer: str) -> None:
     """ConfigError unless every factor is finite and every constrained one is on its
     manifold (`Manifold.initial_violation` ≤ √ε of the factor's dtype) once `initializer`

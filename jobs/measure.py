@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import geopeft
-from geopeft.geometry import max_violation
+from geopeft.geometry import kept_violation
 
 
 def trainable_params(model: nn.Module) -> int:
@@ -33,13 +33,14 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return tensor_bytes(sd.get("state", {})) + tensor_bytes(sd.get("geopeft", {}))
 
 
-def invariant_violation(model: nn.Module) -> float | None:
-    """The largest `Manifold.violation` over every non-Euclidean factor, batched per factor
-    group (`geopeft.geometry.max_violation`); None when every factor is Euclidean."""
+def invariant_violation(model: nn.Module) -> tuple[float | None, int]:
+    """(the largest `Manifold.violation` over every non-Euclidean factor its manifold keeps on
+    it, how many factors the manifold leaves off by design), batched per factor group
+    (`geopeft.geometry.kept_violation`); (None, 0) when every factor is Euclidean."""
     adapters = [a for _, a in geopeft.adapters(model)]
     if all(m.is_euclidean for a in adapters for m in a.factor_manifolds().values()):
-        return None
-    return max_violation(adapters)
+        return None, 0
+    return kept_violation(adapters)
 
 
 def ranks(model: nn.Module) -> dict[str, int]:

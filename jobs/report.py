@@ -62,6 +62,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "trainable_params": runs[0]["trainable_params"],
             "optimizer_state_bytes": max(m["optimizer_state_bytes"] for m in runs),
             "violation": max(violations) if violations else None,
+            "off_by_design": max((m.get("off_by_design") or 0 for m in runs), default=0),
             "lr_range": stats.lr_range([t["lr"] for t in sweep], [t["val_acc"] for t in sweep])
             if sweep else None,
         })
@@ -118,7 +119,8 @@ def _cell(key: str, row: dict[str, Any]) -> str:
     if key == "optimizer_state_bytes":
         return _bytes(value)
     if key == "violation":
-        return f"{value:.1e}"
+        off = row.get("off_by_design")
+        return f"{value:.1e}" + (f" ({off} off by design)" if off else "")
     if key == "lr":
         return f"{value:g}"
     return str(value)
@@ -207,7 +209,9 @@ def markdown(cfg, rows: list[dict[str, Any]], lr_sweep: bool, results: list[dict
                "(lowest–highest over the seeds), which other load barely changes; total rank: the adapters' ranks summed at the "
                "end (rank-adaptive recipes change it); optimizer state: bytes of every "
                "tensor the optimizer keeps; invariant violation: the largest distance of a factor "
-               "from its manifold at the end (— for Euclidean factors only). See docs/compare.md.\n")
+               "from its manifold at the end (— for Euclidean factors only), over the factors the "
+               "manifold keeps on it; k off by design: factors its projection leaves off (BaLoRA: "
+               "pairs with rank(BA) < r), most in one run. See docs/compare.md.\n")
     warned = [f"- **{r['method']}**, seed {w['seed']}, lr {w['lr']:g}: {w['warning']}"
               for r in results for w in r.get("warnings", ())]
     warnings = "\n\n## Warnings\n\n" + "\n".join(warned) + "\n" if warned else ""

@@ -453,6 +453,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
     fingerprint = dist.check_lockstep(model, ctx)
     got = scores(cfg, model, test, tokenizer, ctx.device)
     timed = run.step_times[3:] or run.step_times
+    violation, off_by_design = (None, 0) if method == FULL else measure.invariant_violation(model)
     metrics = {
         "task": cfg.task, "method": method, "lr": lr, "steps": t.steps, "seed": t.seed,
         "run_key": run_key(cfg, method, lr), "code": code, "batches": order.digest(t.steps),
@@ -464,7 +465,7 @@ def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = No
         "processes": ctx.world, "fingerprint": fingerprint,
         "trainable_params": measure.trainable_params(model),
         "optimizer_state_bytes": measure.optimizer_state_bytes(opt),
-        "violation": None if method == FULL else measure.invariant_violation(model),
+        "violation": violation, "off_by_design": off_by_design,
         "step_time": statistics.median(timed) if timed else None,
         "train_time": run.train_time, "cpu_time": time.process_time() - cpu_start,
         "ranks": measure.ranks(model), "rank_adaptive": _rank_adaptive(model),

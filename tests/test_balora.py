@@ -626,3 +626,26 @@ def test_combines_with_lorapro(monkeypatch):
     for a in adapters:
         s = torch.linalg.svdvals(a.B.detach().double() @ a.A.detach().double())
         assert s[a.rank - 1] / s[0] > 1e-3
+
+
+def test_the_kept_violation_leaves_out_pairs_the_projection_leaves_by_design():
+    """compare's invariant column: a pair whose product is rank-deficient (here B = 0, A ≠ 0:
+    no basis change balances it) is counted as off by design, not as a violation."""
+    from geopeft.geometry import kept_violation
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    geopeft.adapt(model, "balora", targets=["query", "value"], rank=4)
+    adapters = dict(geopeft.adapters(model))
+    assert kept_violation(adapters.values()) == (0.0, 2)  # LoRA's B = 0 at init: both left
+    assert max_violation(adapters.values()) == float("inf")
+    balanced = adapters["query"]
+    with torch.no_grad():
+        b, a = BALANCED().project((torch.randn(16, 4), balanced.A.detach()))
+        balanced.B.copy_(b)
+        balanced.A.copy_(a)
+    worst, off = kept_violation(adapters.values())
+    assert worst <= 1e-5 and off == 1  # query balanced, value left as it is by design
+    with torch.no_grad():
+        balanced.B.mul_(2.0)  # off the manifold, not by design: ‖4BᵀB − BᵀB‖ / ‖4BᵀB‖ = 3/4
+    assert kept_violation(adapters.values()) == (pytest.approx(0.75, abs=1e-5), 1)
