@@ -12,6 +12,7 @@ the layer's own kernel plus the adapter's low-rank path (core's `QuantizedLinear
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -36,15 +37,11 @@ class BitsAndBytes4bit(Quantization):
 
     def dequantize(self, base: nn.Module) -> Tensor:
         functional = _bnb("bitsandbytes.functional")
-        w = base.weight
-        data, state = w.data, w.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # repacked by an AVX512-BF16 CPU forward
-            data, state = functional._convert_weight_packed_for_cpu_inverse(data, state)
-        return functional.dequantize_4bit(data, state).float()
+        return functional.dequantize_4bit(*_standard_layout(base.weight)).float()
 
     def requantize(self, base: nn.Module, weight: Tensor) -> None:
         old = base.weight
-        data = weight.to(device="cpu", dtype=old.quant_state.dtype)
+        data = weight.to(device="cpu", dtype=_standard_layout(old)[1].dtype)
         new = type(old)(data, requires_grad=False, quant_type=old.quant_type, blocksize=old.blocksize,
                         compress_statistics=old.compress_statistics, quant_storage=old.quant_storage,
                         module=base)
@@ -59,6 +56,24 @@ class BitsAndBytes4bit(Quantization):
     def restore(self, base: nn.Module, saved: Any) -> None:
         base.weight = saved
         base.quant_state = saved.quant_state
+
+
+def _standard_layout(weight: nn.Parameter) -> tuple[Tensor, Any]:
+    """(codes, quant_state) of a `Params4bit` in bitsandbytes' standard layout, the layer left
+    as it is. On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at its
+    first forward in eval mode without gradients (codes regrouped, absmax transposed to
+    (in/blocksize, out) in bfloat16, flag `packing_format_for_cpu`). Its inverse rewrites the
+    quant_state it is given, so it runs on a copy (the layer's codes stay packed: a flag
+    flipped under them makes its next forward read them as unpacked), and it leaves a
+    non-nested absmax transposed (and re-quantizes a nested one): the absmax is read here
+    from the packed one, as float32 blocks in the codes' order."""
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        functional = _bnb("bitsandbytes.functional")
+        packed_absmax = state.absmax  # (in / blocksize, out)
+        data, state = functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        state.absmax, state.nested = packed_absmax.T.reshape(-1).float(), False
+    return data, state
 
 
 class BitsAndBytes8bit(Quantization):

@@ -16,7 +16,11 @@ from torch import nn
 import geopeft
 from geopeft.layers import QuantizedLinearOps, layer_ops
 
-D = 32
+# Each 4-bit layer's input width a multiple of bitsandbytes' block size (64): on a CPU with
+# AVX512 its native 4-bit kernels dequantise a row that shares a block with the next one
+# wrongly (bitsandbytes 0.50.2: 0.37 relative error at 32x32, 0.09 at 32x64 as NF4 should) and
+# its inference repacking fails (docs/integrations.md, "Quantized bases").
+D = 64
 
 
 class Net(nn.Module):
@@ -44,6 +48,10 @@ def quantized(kind: str, seed: int = 0) -> tuple[Net, Net]:
         make = lambda i, o: bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type=kind)  # noqa: E731
     model = Net(make)
     model.load_state_dict(plain.state_dict())
+    for layer in (model.query, model.value):  # float32 forwards on every CPU, as float twins compute
+        # (with AVX512-BF16, bitsandbytes' eval forward repacks the weight and computes in bfloat16:
+        # the Llama test runs it, test_a_4bit_weight_repacked_for_cpu_inference_is_read_as_it_is reads it)
+        layer.support_avx512bf16_for_cpu = False
     return plain, model.to("cpu")  # bitsandbytes quantizes on the move to a device
 
 
@@ -126,7 +134,7 @@ def test_qlora_llama_nf4_as_with_peft(tmp_path):
     from geopeft.integrations.transformers import GeoTrainer
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=4)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     q4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -141,6 +149,7 @@ def test_qlora_llama_nf4_as_with_peft(tmp_path):
     GeoTrainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids]).train()
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.adapter.B, b0)
     assert "_hf_peft_config_loaded" not in model.__dict__
+    model.eval()  # as from_pretrained leaves the reloaded ones (bitsandbytes' CPU inference path)
     with torch.no_grad():
         out = model(input_ids=ids).logits
     geopeft.save(model, tmp_path / "adapter")
@@ -226,3 +235,42 @@ def test_summary_counts_a_4bit_weight_as_the_matrix_it_stands_for():
     info = geopeft.summary(model)
     assert info.total_params == sum(p.numel() for p in plain.parameters()) + info.adapter_params
     assert info.layers[0].kind == "linear (bnb-4bit)"
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
+def test_a_4bit_weight_repacked_for_cpu_inference_is_read_as_it_is(nested):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at its first
+    eval forward without gradients. Reading it (dequantise: merge, PiSSA, CG-LoRA's shift)
+    gives the same weight up to the bfloat16 absmax the packing keeps, and leaves the layer
+    as it is; merge and unmerge work on it. The packing is done here by bitsandbytes' own
+    function, so any CPU shows it."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    plain = nn.Linear(128, 64)
+    with torch.no_grad():  # rows of different scales: a block read with another's absmax shows
+        plain.weight.mul_(torch.logspace(-2, 1, 64).unsqueeze(1))
+    layer = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=nested)
+    layer.load_state_dict(plain.state_dict())
+    layer = layer.to("cpu")
+    ops = layer_ops(layer)
+    unpacked = ops.weight_matrix(layer).clone()
+    w = layer.weight
+    w.data, w.quant_state = _convert_weight_packed_for_cpu(w.data, w.quant_state)
+    codes, absmax = w.data.clone(), w.quant_state.absmax.clone()
+    read = ops.weight_matrix(layer)
+    assert ((read - unpacked).abs() <= 2.0 ** -8 * unpacked.abs()).all()  # bfloat16 absmax
+    assert layer.weight is w and w.quant_state.packing_format_for_cpu  # the layer as it was
+    assert torch.equal(w.data, codes) and torch.equal(w.quant_state.absmax, absmax)
+    net = nn.Sequential(layer)
+    geopeft.adapt(net, "lora", targets=["0"], rank=4)
+    perturb(net)
+    adapter = net[0].adapter
+    delta = (adapter.scaling * adapter.B @ adapter.A).detach()
+    geopeft.merge(net)  # requantised from the weight as read, in the layer's own float dtype
+    merged = ops.weight_matrix(net[0].base_layer)
+    assert net[0].base_layer.weight.quant_state.dtype == torch.float32
+    assert (merged - (read + delta)).norm() < 0.15 * (read + delta).norm()  # NF4 rounding
+    geopeft.unmerge(net)
+    assert net[0].base_layer.weight is w and torch.equal(w.data, codes)  # exactly as it was
