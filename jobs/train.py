@@ -359,11 +359,24 @@ def code_digest(method: str) -> str | None:
     named = [("manifold", n) for n in {**adapter.default_manifolds, **recipe.manifolds}.values()]
     named += [("gradient_transform", n) for n in recipe.transforms]
     named += [("rank_controller", recipe.rank_controller), ("initializer", recipe.initializer)]
-    files = sorted({f for c in [adapter, *(reg.get(k, n) for k, n in named)] if (f := inspect.getsourcefile(c))})
+    sources = dict(_source_of(c) for c in [adapter, *(reg.get(k, n) for k, n in named)])
     h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    for where in sorted(sources):
+        h.update(sources[where] + b"\0")
     return h.hexdigest()[:16]
+
+
+def _source_of(component: Any) -> tuple[str, bytes]:
+    """(path, file name and contents) of the module defining `component`; its qualified
+    name twice where there is no file to read (a class defined at an interactive prompt)."""
+    try:
+        path = inspect.getsourcefile(component)
+        if path:
+            return path, Path(path).name.encode() + b"\0" + Path(path).read_bytes()
+    except (TypeError, OSError):
+        pass
+    name = f"{component.__module__}.{component.__qualname__}"
+    return name, name.encode()
 
 
 def train_run(cfg, method: str, data, out: Path | None, *, lr: float | None = None,

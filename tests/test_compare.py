@@ -261,6 +261,19 @@ def test_the_code_digest_follows_the_files_that_define_a_recipe_s_components(tmp
     assert before != code_digest("lora")
     source.write_text(source.read_text() + "    # a change to the initializer\n")
     assert code_digest("my_lora") != before
+    typed = type("TypedInit", (module.MyInit,), {"__module__": "typed_at_a_prompt"})  # no file
+
+    @geopeft.hookimpl
+    def register_initializers(register):  # noqa: F811
+        register("typed_init", typed)
+
+    @geopeft.hookimpl
+    def register_methods(register):  # noqa: F811
+        register("typed_lora", geopeft.Recipe(name="typed_lora", initializer="typed_init"))
+
+    plugin(types.SimpleNamespace(register_initializers=register_initializers,
+                                 register_methods=register_methods), "typed_plugin")
+    assert code_digest("typed_lora") not in (code_digest("lora"), None)  # by name: no file to read
 
 
 def test_archived_runs_are_reused_and_give_the_same_table(tmp_path, data, capsys, monkeypatch):
