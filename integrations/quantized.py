@@ -41,7 +41,9 @@ class BitsAndBytes4bit(Quantization):
 
     def requantize(self, base: nn.Module, weight: Tensor) -> None:
         old = base.weight
-        data = weight.to(device="cpu", dtype=_standard_layout(old)[1].dtype)
+        state = old.quant_state  # the float dtype it was quantized from, packed for CPU or not
+        dtype = state.original_dtype if getattr(state, "packing_format_for_cpu", False) else state.dtype
+        data = weight.to(device="cpu", dtype=dtype)
         new = type(old)(data, requires_grad=False, quant_type=old.quant_type, blocksize=old.blocksize,
                         compress_statistics=old.compress_statistics, quant_storage=old.quant_storage,
                         module=base)
